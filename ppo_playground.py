@@ -1,0 +1,633 @@
+"""PPO on MuJoCo Playground's DM Control suite: the Brax PPO that Playground itself uses, in one file.
+
+Defaults are read at run time from Playground's own table
+(`mujoco_playground.config.dm_control_suite_params.brax_ppo_config(env_id)`); every field can be overridden by a flag.
+The algorithm follows `brax/training/agents/ppo/{train,losses,networks}.py` (Brax 0.12-0.14): tanh-normal policy,
+running observation normaliser, reward scaling, GAE with truncation masking recomputed per minibatch, clipped
+surrogate, one Adam. One whole PPO iteration (rollout + epochs x minibatches) is one jitted function of `lax.scan`s,
+and `--num-seeds N` vmaps N independent seeds in one process (one run folder per seed).
+
+Spec and implementation details: REFERENCE.md section 4 and the "PPO" section of README.md.
+
+    python ppo_playground.py --env-id CartpoleBalance
+    python ppo_playground.py --env-id PendulumSwingup --num-seeds 4 --impl jax
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import serialization, struct
+from mujoco_playground import registry
+from mujoco_playground._src import dm_control_suite
+from mujoco_playground.config import dm_control_suite_params
+from tensorboardX import SummaryWriter
+
+
+@dataclasses.dataclass
+class Args:
+    """PPO on a Playground DM Control env. Flags shown as None take Playground's value for the env (else Brax's)."""
+
+    exp_name: str = Path(__file__).stem
+    """name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the first run; run i of `--num-seeds` uses seed + i"""
+    num_seeds: int = 1
+    """number of independent seeds trained together (vmapped) in one process"""
+    env_id: str = "CartpoleBalance"
+    """DM Control suite environment of MuJoCo Playground"""
+    impl: Optional[Literal["jax", "warp"]] = None
+    """MJX backend (default: warp if a GPU is present, else jax)"""
+    run_dir: Optional[str] = None
+    """run folder (default: runs/{env_id}__{exp_name}__{seed}__{unix_time}); with several seeds, suffixed __{seed}"""
+    save_model: bool = False
+    """save parameters, optimiser state and normaliser to {run_dir}/checkpoints/ at the end"""
+
+    # Algorithm specific arguments (None = Playground's value for this env_id, or Brax's default)
+    total_steps: Optional[int] = None
+    """environment steps to train (Brax's num_timesteps), rounded up to whole iterations"""
+    num_envs: Optional[int] = None
+    """number of parallel training environments"""
+    episode_length: Optional[int] = None
+    """episode length in environment steps (truncation)"""
+    action_repeat: Optional[int] = None
+    """environment steps per agent step"""
+    unroll_length: Optional[int] = None
+    """agent steps per sequence"""
+    batch_size: Optional[int] = None
+    """sequences per minibatch"""
+    num_minibatches: Optional[int] = None
+    """minibatches per epoch (one iteration collects batch_size x num_minibatches sequences)"""
+    num_updates_per_batch: Optional[int] = None
+    """epochs over each collected batch"""
+    discounting: Optional[float] = None
+    """discount factor"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate (constant)"""
+    entropy_cost: Optional[float] = None
+    """weight of the entropy bonus"""
+    reward_scaling: Optional[float] = None
+    """multiplier applied to rewards in the loss"""
+    normalize_observations: Optional[bool] = None
+    """running mean/std observation normaliser"""
+    num_evals: Optional[int] = None
+    """evaluations over the run, the one at step 0 included"""
+    num_resets_per_eval: Optional[int] = None
+    """hard resets of all training envs between two evaluations (0: never)"""
+    clipping_epsilon: Optional[float] = None
+    """PPO ratio clipping epsilon (Brax default 0.3)"""
+    gae_lambda: Optional[float] = None
+    """GAE lambda (Brax default 0.95)"""
+    vf_loss_coefficient: Optional[float] = None
+    """value loss coefficient (Brax default 0.5)"""
+    normalize_advantage: Optional[bool] = None
+    """normalise advantages per minibatch (Brax default True)"""
+    max_grad_norm: Optional[float] = None
+    """global-norm gradient clipping (Brax default: none)"""
+    num_eval_envs: Optional[int] = None
+    """evaluation episodes, run in parallel (Brax default 128)"""
+    policy_hidden_sizes: tuple[int, ...] = (32, 32, 32, 32)
+    """hidden layers of the policy MLP (Brax's make_ppo_networks default)"""
+    value_hidden_sizes: tuple[int, ...] = (256, 256, 256, 256, 256)
+    """hidden layers of the value MLP (Brax's make_ppo_networks default)"""
+
+    # to be filled in runtime
+    steps_per_iteration: int = 0
+    """env steps per PPO iteration: batch_size x num_minibatches x unroll_length x action_repeat"""
+    num_iterations: int = 0
+    """PPO iterations: ceil(total_steps / steps_per_iteration)"""
+    iterations_per_epoch: int = 0
+    """PPO iterations between hard resets (Brax's training epoch)"""
+    steps_run: int = 0
+    """env steps actually run: num_iterations x steps_per_iteration"""
+    brax_steps: int = 0
+    """env steps Brax's ppo.train would run with the same settings"""
+
+
+# Values Brax's ppo.train uses for fields Playground's DM Control table leaves unset.
+BRAX_DEFAULTS = dict(
+    clipping_epsilon=0.3, gae_lambda=0.95, vf_loss_coefficient=0.5, normalize_advantage=True,
+    max_grad_norm=None, num_eval_envs=128,
+)
+# Playground's field name -> ours, where they differ.
+RENAMED = {"num_timesteps": "total_steps"}
+
+
+def fail(message: str):
+    """Refuse bad input with one line on stderr and exit code 2 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def playground_defaults(env_id: str) -> dict:
+    """Playground's Brax PPO settings for env_id, with its PendulumSwingup defect fixed."""
+    config = dm_control_suite_params.brax_ppo_config(env_id).to_dict()
+    # Defect 1: the table's override tests the name "PendulumSwingUp" (capital U), which is not a registered env,
+    # so PendulumSwingup silently runs with action_repeat 1 and 16 epochs. We apply what was intended.
+    if env_id == "PendulumSwingup":
+        config.update(action_repeat=4, num_updates_per_batch=4)
+    return {RENAMED.get(k, k): v for k, v in config.items()}
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill every None field from Playground/Brax, validate, and compute the derived sizes. Exits on bad input."""
+    if args.env_id not in dm_control_suite.ALL_ENVS:
+        fail(f"unknown env id {args.env_id!r}; valid DM Control ids: {', '.join(dm_control_suite.ALL_ENVS)}")
+    defaults = {**BRAX_DEFAULTS, **playground_defaults(args.env_id)}
+    filled = {k: v for k, v in defaults.items() if hasattr(args, k) and getattr(args, k) is None}
+    args = dataclasses.replace(args, **filled)
+    if args.impl is None:
+        args.impl = "warp" if any(d.platform == "gpu" for d in jax.devices()) else "jax"
+
+    positive = ["num_seeds", "total_steps", "num_envs", "episode_length", "action_repeat", "unroll_length",
+                "batch_size", "num_minibatches", "num_updates_per_batch", "num_evals", "num_eval_envs"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.num_resets_per_eval < 0:
+        fail(f"--num-resets-per-eval must be >= 0, got {args.num_resets_per_eval}")
+    if args.learning_rate <= 0 or not 0 < args.discounting <= 1 or not 0 <= args.gae_lambda <= 1:
+        fail("need --learning-rate > 0, 0 < --discounting <= 1 and 0 <= --gae-lambda <= 1")
+    if any(h <= 0 for h in args.policy_hidden_sizes + args.value_hidden_sizes):
+        fail("hidden layer sizes must be positive")
+    sequences = args.batch_size * args.num_minibatches
+    if sequences % args.num_envs:
+        envs_ok = [n for n in range(1, sequences + 1) if sequences % n == 0 and n <= 4 * args.num_envs][-3:]
+        step = args.num_envs // math.gcd(args.num_envs, args.num_minibatches)
+        fail(f"batch_size x num_minibatches = {args.batch_size} x {args.num_minibatches} = {sequences} is not "
+             f"divisible by num_envs = {args.num_envs}; use --num-envs in {envs_ok} (divisors of {sequences}) "
+             f"or a --batch-size that is a multiple of {step}")
+
+    args.steps_per_iteration = sequences * args.unroll_length * args.action_repeat
+    # Defect 2: Brax runs ceil(T / (evals * S * resets)) iterations per epoch for every one of evals * resets
+    # epochs, which overshoots T (60M -> 88.5M). We run exactly ceil(T / S) iterations and report both.
+    blocks = max(args.num_evals - 1, 1) * max(args.num_resets_per_eval, 1)
+    args.iterations_per_epoch = math.ceil(args.total_steps / (blocks * args.steps_per_iteration))
+    args.brax_steps = blocks * args.iterations_per_epoch * args.steps_per_iteration
+    args.num_iterations = math.ceil(args.total_steps / args.steps_per_iteration)
+    args.steps_run = args.num_iterations * args.steps_per_iteration
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment: Playground env, vmapped over num_envs, with Brax's episode wrapper (action repeat, truncation at
+# episode_length) and Playground's auto-reset to the cached first state of each env.
+# ---------------------------------------------------------------------------------------------------------------
+def make_env(args: Args):
+    return registry.load(args.env_id, config_overrides={"impl": args.impl})
+
+
+@struct.dataclass
+class EnvState:
+    inner: Any  # batched playground State
+    first_data: Any  # cached reset state that finished episodes return to
+    first_obs: jax.Array
+    steps: jax.Array  # env steps into the current episode
+    episode_return: jax.Array  # undiscounted, unscaled return so far
+
+
+@struct.dataclass
+class StepOut:
+    reward: jax.Array
+    done: jax.Array
+    truncation: jax.Array
+    finished_return: jax.Array  # return of the episode that ended at this step, else 0
+
+
+def env_reset(env, key: jax.Array, num: int) -> EnvState:
+    inner = jax.vmap(env.reset)(jax.random.split(key, num))
+    zeros = jnp.zeros(num)
+    return EnvState(inner, inner.data, inner.obs, jnp.zeros(num, jnp.int32), zeros)
+
+
+def env_step(env, args: Args, state: EnvState, action: jax.Array) -> tuple[EnvState, StepOut]:
+    def physics_step(inner, _):
+        inner = jax.vmap(env.step)(inner, action)
+        return inner, inner.reward
+
+    inner = state.inner.replace(done=jnp.zeros_like(state.inner.done))
+    if args.action_repeat == 1:
+        inner, reward = physics_step(inner, None)
+    else:  # like Brax, the inner env keeps stepping even if it is done in the middle of the repeat
+        inner, rewards = jax.lax.scan(physics_step, inner, None, length=args.action_repeat)
+        reward = rewards.sum(0)
+    steps = state.steps + args.action_repeat
+    timeout = steps >= args.episode_length
+    done = jnp.where(timeout, 1.0, inner.done)
+    truncation = jnp.where(timeout, 1.0 - inner.done, 0.0)
+    episode_return = state.episode_return + reward
+
+    def where_done(first, x):
+        return jnp.where(done.reshape(done.shape + (1,) * (x.ndim - 1)) > 0, first, x)
+
+    data = jax.tree.map(where_done, state.first_data, inner.data)
+    obs = where_done(state.first_obs, inner.obs)
+    inner = inner.replace(data=data, obs=obs, reward=reward, done=done)
+    new_state = state.replace(
+        inner=inner, steps=jnp.where(done > 0, 0, steps), episode_return=jnp.where(done > 0, 0.0, episode_return))
+    return new_state, StepOut(reward, done, truncation, episode_return * done)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks (brax/training/networks.py MLP with make_ppo_networks' defaults)
+# ---------------------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    hidden_sizes: tuple[int, ...]
+    out_size: int
+
+    @nn.compact
+    def __call__(self, x):
+        for size in self.hidden_sizes:
+            x = nn.swish(nn.Dense(size, kernel_init=nn.initializers.lecun_uniform())(x))
+        return nn.Dense(self.out_size, kernel_init=nn.initializers.lecun_uniform())(x)
+
+
+def policy_net(args: Args, action_size: int) -> MLP:
+    """Outputs [loc, raw_scale] of a tanh-normal."""
+    return MLP(tuple(args.policy_hidden_sizes), 2 * action_size)
+
+
+def value_net(args: Args) -> MLP:
+    return MLP(tuple(args.value_hidden_sizes), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure math
+# ---------------------------------------------------------------------------------------------------------------
+def compute_gae(truncation, termination, rewards, values, bootstrap_value, lambda_, discount):
+    """Brax's GAE, time-major [T, B]. No bootstrap across truncation. Returns (vs, advantages), both stop-gradient."""
+    values_next = jnp.concatenate([values[1:], bootstrap_value[None]], axis=0)
+    not_trunc = 1.0 - truncation
+    not_term = 1.0 - termination
+    deltas = (rewards + discount * not_term * values_next - values) * not_trunc
+
+    def backward(acc, xs):
+        delta, not_term_t, not_trunc_t = xs
+        acc = delta + discount * not_term_t * not_trunc_t * lambda_ * acc
+        return acc, acc
+
+    _, vs_minus_v = jax.lax.scan(backward, jnp.zeros_like(bootstrap_value), (deltas, not_term, not_trunc),
+                                 reverse=True)
+    vs = vs_minus_v + values
+    vs_next = jnp.concatenate([vs[1:], bootstrap_value[None]], axis=0)
+    advantages = (rewards + discount * not_term * vs_next - values) * not_trunc
+    return jax.lax.stop_gradient(vs), jax.lax.stop_gradient(advantages)
+
+
+def tanh_log_det_jacobian(x):
+    """log |d tanh(x)/dx| = log(1 - tanh(x)^2), computed stably."""
+    return 2.0 * (jnp.log(2.0) - x - jax.nn.softplus(-2.0 * x))
+
+
+def policy_dist(policy_out, min_std: float = 0.001):
+    """Split the policy output into the Gaussian's loc and scale = softplus(raw) + min_std."""
+    loc, raw_scale = jnp.split(policy_out, 2, axis=-1)
+    return loc, jax.nn.softplus(raw_scale) + min_std
+
+
+def tanh_normal_log_prob(raw_action, loc, scale):
+    """log-density of tanh(raw_action) under tanh(N(loc, scale)), summed over action dims."""
+    z = (raw_action - loc) / scale
+    gaussian = -0.5 * z**2 - jnp.log(scale) - 0.5 * jnp.log(2.0 * jnp.pi)
+    return jnp.sum(gaussian - tanh_log_det_jacobian(raw_action), axis=-1)
+
+
+def tanh_normal_entropy(key, loc, scale):
+    """One-sample entropy estimate of tanh(N(loc, scale)): Gaussian entropy + log|det J| at one sample (Brax)."""
+    gaussian = 0.5 + 0.5 * jnp.log(2.0 * jnp.pi) + jnp.log(scale)
+    x = loc + scale * jax.random.normal(key, loc.shape)
+    return jnp.sum(gaussian + tanh_log_det_jacobian(x), axis=-1)
+
+
+@struct.dataclass
+class Normalizer:
+    count: jax.Array
+    mean: jax.Array
+    summed_variance: jax.Array
+    std: jax.Array
+
+
+def init_normalizer(obs_size: int) -> Normalizer:
+    return Normalizer(jnp.zeros((), jnp.int32), jnp.zeros(obs_size), jnp.zeros(obs_size), jnp.ones(obs_size))
+
+
+def update_normalizer(state: Normalizer, obs) -> Normalizer:
+    """Batched Welford update over every observation in obs [..., D]; std clipped to [1e-6, 1e6]."""
+    obs = obs.reshape(-1, obs.shape[-1])
+    count = state.count + obs.shape[0]
+    diff_old = obs - state.mean
+    mean = state.mean + diff_old.sum(0) / count.astype(jnp.float32)
+    summed_variance = state.summed_variance + (diff_old * (obs - mean)).sum(0)
+    std = jnp.clip(jnp.sqrt(jnp.maximum(summed_variance, 0.0) / count.astype(jnp.float32)), 1e-6, 1e6)
+    return Normalizer(count, mean, summed_variance, std)
+
+
+def normalize(state: Normalizer, obs):
+    return (obs - state.mean) / state.std
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses (brax/training/agents/ppo/losses.py: compute_ppo_loss)
+# ---------------------------------------------------------------------------------------------------------------
+def ppo_loss(params, normalizer: Normalizer, batch: dict, key, args: Args, action_size: int):
+    """PPO loss of one minibatch of sequences [B, T]; values and GAE are recomputed with the current networks."""
+    bootstrap_obs = batch["bootstrap_obs"]  # [B, D]: observation after each sequence's last step
+    batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), {k: v for k, v in batch.items() if k != "bootstrap_obs"})
+    obs = normalize(normalizer, batch["obs"])
+    loc, scale = policy_dist(policy_net(args, action_size).apply(params["policy"], obs))
+    value_apply = functools.partial(value_net(args).apply, params["value"])
+    values = value_apply(obs)[..., 0]
+    bootstrap_value = value_apply(normalize(normalizer, bootstrap_obs))[..., 0]
+
+    rewards = batch["reward"] * args.reward_scaling
+    truncation = batch["truncation"]
+    termination = batch["done"] * (1.0 - truncation)
+    vs, advantages = compute_gae(truncation, termination, rewards, values, bootstrap_value,
+                                 args.gae_lambda, args.discounting)
+    if args.normalize_advantage:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+    log_prob = tanh_normal_log_prob(batch["raw_action"], loc, scale)
+    ratio = jnp.exp(log_prob - batch["log_prob"])
+    clipped = jnp.clip(ratio, 1.0 - args.clipping_epsilon, 1.0 + args.clipping_epsilon)
+    policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, clipped * advantages))
+    v_loss = 0.5 * args.vf_loss_coefficient * jnp.mean((vs - values) ** 2)
+    entropy = jnp.mean(tanh_normal_entropy(key, loc, scale))
+    entropy_loss = -args.entropy_cost * entropy
+    total_loss = policy_loss + v_loss + entropy_loss
+    metrics = dict(total_loss=total_loss, policy_loss=policy_loss, v_loss=v_loss, entropy_loss=entropy_loss,
+                   entropy=entropy, approx_kl=jnp.mean(batch["log_prob"] - log_prob),
+                   clipfrac=jnp.mean(jnp.abs(ratio - 1.0) > args.clipping_epsilon))
+    return total_loss, metrics
+
+
+def make_optimizer(args: Args):
+    adam = optax.adam(args.learning_rate)
+    return adam if args.max_grad_norm is None else optax.chain(optax.clip_by_global_norm(args.max_grad_norm), adam)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training iteration: rollout (scan over unrolls of scans over steps) -> normaliser update -> epochs x minibatches
+# ---------------------------------------------------------------------------------------------------------------
+@struct.dataclass
+class TrainState:
+    params: dict
+    opt_state: Any
+    normalizer: Normalizer
+    env_state: EnvState
+    key: jax.Array
+    iteration: jax.Array
+
+
+def init_train_state(env, args: Args, key, env_state: EnvState) -> TrainState:
+    """Networks, optimiser and normaliser of one seed; env_state comes from `reset_training_envs`."""
+    k_policy, k_value, key = jax.random.split(key, 3)
+    dummy = jnp.zeros((1, env.observation_size))
+    params = {"policy": policy_net(args, env.action_size).init(k_policy, dummy),
+              "value": value_net(args).init(k_value, dummy)}
+    return TrainState(params, make_optimizer(args).init(params), init_normalizer(env.observation_size),
+                      env_state, key, jnp.zeros((), jnp.int32))
+
+
+def actor_step(env, args: Args, params, normalizer, env_state: EnvState, key):
+    """One agent step of all training envs with the stochastic policy."""
+    obs = env_state.inner.obs
+    out = policy_net(args, env.action_size).apply(params["policy"], normalize(normalizer, obs))
+    loc, scale = policy_dist(out)
+    raw_action = loc + scale * jax.random.normal(key, loc.shape)
+    log_prob = tanh_normal_log_prob(raw_action, loc, scale)
+    env_state, step = env_step(env, args, env_state, jnp.tanh(raw_action))
+    transition = dict(obs=obs, raw_action=raw_action, log_prob=log_prob, reward=step.reward, done=step.done,
+                      truncation=step.truncation, finished_return=step.finished_return)
+    return env_state, transition
+
+
+def collect_rollout(env, args: Args, ts: TrainState, key):
+    """batch_size x num_minibatches sequences of unroll_length steps, as [sequences, T, ...]."""
+    num_unrolls = args.batch_size * args.num_minibatches // args.num_envs
+
+    def unroll(env_state, key):
+        step = functools.partial(actor_step, env, args, ts.params, ts.normalizer)
+        env_state, data = jax.lax.scan(step, env_state, jax.random.split(key, args.unroll_length))
+        # The observation after the last step bootstraps the sequence (Brax's next_observation[-1]; it is the
+        # cached reset observation if the episode just ended, which the GAE masks out).
+        return env_state, (data, env_state.inner.obs)
+
+    env_state, (data, bootstrap_obs) = jax.lax.scan(unroll, ts.env_state, jax.random.split(key, num_unrolls))
+    # [unrolls, T, envs, ...] -> [unrolls * envs, T, ...]
+    data = jax.tree.map(lambda x: jnp.swapaxes(x, 1, 2).reshape((-1, args.unroll_length) + x.shape[3:]), data)
+    data["bootstrap_obs"] = bootstrap_obs.reshape((-1,) + bootstrap_obs.shape[2:])
+    return env_state, data
+
+
+def sgd_epoch(env, args: Args, normalizer, data, carry, key):
+    """One pass over the batch: a fresh permutation of the sequences split into num_minibatches minibatches."""
+    params, opt_state = carry
+    k_perm, k_loss = jax.random.split(key)
+    perm = jax.random.permutation(k_perm, args.batch_size * args.num_minibatches)
+    minibatches = jax.tree.map(lambda x: x[perm].reshape((args.num_minibatches, -1) + x.shape[1:]), data)
+    optimizer = make_optimizer(args)
+    grad_fn = jax.grad(ppo_loss, has_aux=True)
+
+    def minibatch_step(carry, xs):
+        params, opt_state = carry
+        batch, key = xs
+        grads, metrics = grad_fn(params, normalizer, batch, key, args, env.action_size)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), metrics
+
+    keys = jax.random.split(k_loss, args.num_minibatches)
+    return jax.lax.scan(minibatch_step, (params, opt_state), (minibatches, keys))
+
+
+def training_iteration(env, args: Args, ts: TrainState) -> tuple[TrainState, dict]:
+    """One PPO iteration of one seed (vmapped over seeds and jitted in __main__)."""
+    key, k_rollout, k_sgd = jax.random.split(ts.key, 3)
+    env_state, data = collect_rollout(env, args, ts, k_rollout)
+    finished_return, done = data.pop("finished_return"), data["done"]
+    # The rollout used the old normaliser; the SGD uses the one updated with this iteration's observations.
+    normalizer = update_normalizer(ts.normalizer, data["obs"]) if args.normalize_observations else ts.normalizer
+    epoch = functools.partial(sgd_epoch, env, args, normalizer, data)
+    (params, opt_state), losses = jax.lax.scan(
+        epoch, (ts.params, ts.opt_state), jax.random.split(k_sgd, args.num_updates_per_batch))
+    metrics = jax.tree.map(jnp.mean, losses)
+    metrics["episodes"] = done.sum()
+    metrics["episodic_return"] = finished_return.sum() / jnp.maximum(done.sum(), 1.0)
+    ts = ts.replace(params=params, opt_state=opt_state, normalizer=normalizer, env_state=env_state, key=key,
+                    iteration=ts.iteration + 1)
+    return ts, metrics
+
+
+def reset_training_envs(env, args: Args, key) -> tuple[EnvState, jax.Array]:
+    """Hard reset of every training env to a fresh random state (Brax, after each training epoch)."""
+    key, k_env = jax.random.split(key)
+    return env_reset(env, k_env, args.num_envs), key
+
+
+def evaluate(env, args: Args, params, normalizer, key):
+    """Mean undiscounted return of num_eval_envs full episodes: (stochastic policy, deterministic tanh(loc)).
+
+    Both modes run in one batch of 2 x num_eval_envs envs (the first half samples, the second takes the mode)."""
+    n = args.num_eval_envs
+    deterministic = jnp.arange(2 * n) >= n
+    policy = policy_net(args, env.action_size)
+    k_reset, k_act = jax.random.split(key)
+
+    def step(carry, k):
+        env_state, total, active = carry
+        loc, scale = policy_dist(policy.apply(params["policy"], normalize(normalizer, env_state.inner.obs)))
+        sample = loc + scale * jax.random.normal(k, loc.shape)
+        action = jnp.tanh(jnp.where(deterministic[:, None], loc, sample))
+        env_state, out = env_step(env, args, env_state, action)
+        return (env_state, total + out.reward * active, active * (1.0 - out.done)), None
+
+    init = (env_reset(env, k_reset, 2 * n), jnp.zeros(2 * n), jnp.ones(2 * n))
+    num_steps = args.episode_length // args.action_repeat
+    (_, total, _), _ = jax.lax.scan(step, init, jax.random.split(k_act, num_steps))
+    return total[:n].mean(), total[n:].mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging helpers
+# ---------------------------------------------------------------------------------------------------------------
+def package_versions() -> dict:
+    names = ["jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground", "brax", "numpy", "tyro"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_dirs(args: Args) -> list[Path]:
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    if args.run_dir is not None:
+        if args.num_seeds == 1:
+            return [Path(args.run_dir)]
+        return [Path(f"{args.run_dir}__{s}") for s in seeds]
+    stamp = int(time.time())
+    return [Path("runs") / f"{args.env_id}__{args.exp_name}__{s}__{stamp}" for s in seeds]
+
+
+def save_checkpoint(path: Path, tree) -> None:
+    """Write atomically: temp file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(serialization.to_bytes(tree))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    args = resolve_args(tyro.cli(Args))
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    print(f"{args.env_id}: {args.num_iterations} iterations x {args.steps_per_iteration:,} env steps = "
+          f"{args.steps_run:,} env steps (requested {args.total_steps:,}; Brax's rounding would run "
+          f"{args.brax_steps:,}); hard reset every {args.iterations_per_epoch} iteration(s)"
+          + ("" if args.num_resets_per_eval > 0 else " disabled"), flush=True)
+
+    dirs = run_dirs(args)
+    versions, commit = package_versions(), git_commit()
+    writers, csv_files = [], []
+    for seed, run_dir in zip(seeds, dirs, strict=True):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = dataclasses.asdict(args) | dict(env_id=args.env_id, exp_name=args.exp_name, seed=seed,
+                                                  seed_index=seed - args.seed, versions=versions, git_commit=commit)
+        (run_dir / "args.json").write_text(json.dumps(record, indent=2))
+        writer = SummaryWriter(str(run_dir))
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+        writers.append(writer)
+        csv = open(run_dir / "eval.csv", "w")  # kept open for the run, flushed per row
+        csv.write("step,wall_time,return,return_deterministic\n")
+        csv.flush()
+        csv_files.append(csv)
+
+    env = make_env(args)
+    start = time.time()
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    k_env, k_eval, k_train = (jnp.stack(k) for k in zip(*[jax.random.split(k, 3) for k in keys], strict=True))
+    reset_fn = jax.jit(jax.vmap(functools.partial(reset_training_envs, env, args)))
+    env_state, k_env = reset_fn(k_env)
+    ts = jax.jit(jax.vmap(functools.partial(init_train_state, env, args)))(k_train, env_state)
+    iteration_fn = jax.jit(jax.vmap(functools.partial(training_iteration, env, args)), donate_argnums=0)
+    iteration_fn = iteration_fn.lower(ts).compile()
+    eval_fn = jax.jit(jax.vmap(functools.partial(evaluate, env, args)))
+    print(f"compiled the training iteration in {time.time() - start:.1f} s", flush=True)
+
+    # Evaluations: one at step 0 (when num_evals > 1, as Brax) and num_evals - 1 spread evenly, the last at the end.
+    num_later = max(args.num_evals - 1, 1)
+    eval_iterations = {math.ceil(k * args.num_iterations / num_later) for k in range(1, num_later + 1)}
+
+    def run_eval(step: int, iteration: int) -> None:
+        eval_keys = jax.vmap(jax.random.fold_in, (0, None))(k_eval, iteration)
+        ret, ret_det = jax.device_get(eval_fn(ts.params, ts.normalizer, eval_keys))
+        wall = time.time() - start
+        for i, writer in enumerate(writers):
+            csv_files[i].write(f"{step},{wall:.3f},{ret[i]:.6f},{ret_det[i]:.6f}\n")
+            csv_files[i].flush()
+            writer.add_scalar("eval/return", float(ret[i]), step)
+            writer.add_scalar("eval/return_deterministic", float(ret_det[i]), step)
+        print(f"eval step={step:,} return={np.array2string(ret, precision=1)} "
+              f"deterministic={np.array2string(ret_det, precision=1)}", flush=True)
+
+    if args.num_evals > 1:
+        run_eval(0, 0)
+    train_time, last_print, loop_start = 0.0, 0.0, time.time()
+    for iteration in range(1, args.num_iterations + 1):
+        t0 = time.time()
+        ts, metrics = iteration_fn(ts)
+        metrics = jax.device_get(metrics)
+        train_time += time.time() - t0
+        if args.num_resets_per_eval > 0 and iteration % args.iterations_per_epoch == 0:
+            env_state, k_env = reset_fn(k_env)
+            ts = ts.replace(env_state=env_state)
+        step = iteration * args.steps_per_iteration
+        sps = step / max(train_time, 1e-9)  # per seed, compile excluded (compiled ahead of time)
+        for i, writer in enumerate(writers):
+            writer.add_scalar("charts/SPS", sps, step)
+            for name in ("total_loss", "policy_loss", "v_loss", "entropy_loss", "entropy", "approx_kl", "clipfrac"):
+                writer.add_scalar(f"losses/{name}", float(metrics[name][i]), step)
+            if metrics["episodes"][i] > 0:
+                writer.add_scalar("charts/episodic_return", float(metrics["episodic_return"][i]), step)
+        if iteration in eval_iterations:
+            run_eval(step, iteration)
+        now = time.time() - start
+        if iteration in eval_iterations or now - last_print > 5.0:
+            last_print = now
+            eta = (time.time() - loop_start) / iteration * (args.num_iterations - iteration)  # evals included
+            print(f"step {step:,}/{args.steps_run:,} | SPS {sps:,.0f} per seed ({sps * args.num_seeds:,.0f} total) | "
+                  f"v_loss {np.mean(metrics['v_loss']):.3f} | ETA {eta:.0f} s", flush=True)
+
+    if args.save_model:
+        for i, run_dir in enumerate(dirs):
+            state = jax.tree.map(lambda x, i=i: np.asarray(x[i]), (ts.params, ts.opt_state, ts.normalizer))
+            save_checkpoint(run_dir / "checkpoints" / f"ppo_{args.steps_run}.msgpack",
+                            dict(params=state[0], opt_state=state[1], normalizer=state[2], step=args.steps_run))
+    for writer, csv in zip(writers, csv_files, strict=True):
+        writer.close()
+        csv.close()
+    print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(d) for d in dirs)}")

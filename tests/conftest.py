@@ -1,0 +1,61 @@
+"""Shared test helpers: run a script as a user would, and a tiny TD-MPC2 run folder reused by several tests."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Tiny TD-MPC2 settings: a few seconds of training on CartpoleBalance on a CPU.
+TINY_TDMPC2 = [
+    "--env-id", "CartpoleBalance", "--impl", "jax",
+    "--model-size", "1", "--enc-dim", "32", "--mlp-dim", "32", "--latent-dim", "16",
+    "--num-envs", "4", "--k-update", "2", "--batch-size", "16",
+    "--num-samples", "32", "--num-elites", "4", "--num-pi-trajs", "4", "--iterations", "2",
+    "--episode-length", "100", "--seed-steps", "200", "--total-steps", "800",
+    "--eval-freq", "400", "--eval-episodes", "2",
+]
+
+
+def run_script(script: str, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python script args...` from the repo root; on failure show its output."""
+    # A compilation cache shared by the test runs: repeated runs of one config (determinism) compile once.
+    cache = Path(tempfile.gettempdir()) / f"tdmpc2_mjx_test_cache_{os.getuid()}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tdmpc2_tiny_run(tmp_path_factory) -> Path:
+    """Run folder of one tiny `tdmpc2_jax.py` run (args.json, eval.csv, TensorBoard events)."""
+    if not (REPO / "tdmpc2_jax.py").exists():
+        pytest.skip("tdmpc2_jax.py not present yet")
+    run_dir = tmp_path_factory.mktemp("tdmpc2") / "CartpoleBalance__tiny__1"
+    run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--seed", "1", "--exp-name", "tiny", "--run-dir", str(run_dir))
+    return run_dir
+
+
+def unused_args_fields(script: str) -> list[str]:
+    """Fields of the script's `Args` dataclass never read as `<something>.<field>` or by name outside `Args`."""
+    source = (REPO / script).read_text()
+    tree = ast.parse(source)
+    args_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    fields = [n.target.id for n in args_class.body if isinstance(n, ast.AnnAssign)]
+    lines = source.splitlines()
+    rest = "\n".join(lines[: args_class.lineno - 1] + lines[args_class.end_lineno :])
+    return [f for f in fields if not re.search(rf"\.{f}\b|[\"']{f}[\"']", rest)]

@@ -1,0 +1,302 @@
+"""tdmpc2_jax.py: math against hand-computed numbers, MPPI on a toy model, the replay buffer, the CLI, determinism
+and learning on CartpoleBalance."""
+
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY_TDMPC2, run_script, unused_args_fields
+from scipy import stats
+
+import tdmpc2_jax as T
+
+BINS = dict(num_bins=101, vmin=-10.0, vmax=10.0)  # bin width 0.2, bin i at -10 + 0.2 i
+
+
+# --- pure math -------------------------------------------------------------------------------------------------------
+def test_symlog_symexp_hand_values():
+    e = math.e
+    np.testing.assert_allclose(T.symlog(jnp.array([0.0, e - 1, -(e**2 - 1)])), [0.0, 1.0, -2.0], atol=1e-6)
+    np.testing.assert_allclose(T.symexp(jnp.array([0.0, 1.0, -2.0])), [0.0, e - 1, -(e**2 - 1)], rtol=1e-6)
+    x = jnp.array([-123.4, -1.5, 0.01, 7.0, 2500.0])
+    np.testing.assert_allclose(T.symexp(T.symlog(x)), x, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "symlog_value, masses",
+    [
+        (0.0, {50: 1.0}),  # exactly on the middle bin
+        (0.3, {51: 0.5, 52: 0.5}),  # halfway between 0.2 and 0.4
+        (-0.05, {49: 0.25, 50: 0.75}),  # a quarter of the way from 0.0 down to -0.2
+        (9.95, {99: 0.25, 100: 0.75}),
+        (50.0, {100: 1.0}),  # clipped to vmax
+        (-50.0, {0: 1.0}),  # clipped to vmin
+    ],
+)
+def test_two_hot_exact_bin_masses(symlog_value, masses):
+    x = math.copysign(math.expm1(abs(symlog_value)), symlog_value)  # symexp by hand
+    expected = np.zeros(101)
+    for i, m in masses.items():
+        expected[i] = m
+    np.testing.assert_allclose(T.two_hot(jnp.array(x), **BINS), expected, atol=1e-4)
+
+
+def test_two_hot_round_trip_and_cross_entropy():
+    x = jnp.array([-800.0, -3.3, -0.01, 0.0, 0.7, 42.0, 1000.0])
+    target = T.two_hot(x, **BINS)
+    np.testing.assert_allclose(target.sum(-1), 1.0, rtol=1e-6)
+    logits = jnp.log(target + 1e-30)
+    np.testing.assert_allclose(T.two_hot_inv(logits, **BINS), x, rtol=1e-4, atol=1e-5)
+    # Cross-entropy of a distribution with itself is its entropy: 0 for one bin, ln 2 for two equal halves.
+    ce = T.soft_cross_entropy(jnp.log(T.two_hot(jnp.array([0.0, math.expm1(0.3)]), **BINS) + 1e-30),
+                              jnp.array([0.0, math.expm1(0.3)]), **BINS)
+    np.testing.assert_allclose(ce, [0.0, math.log(2)], atol=1e-4)
+
+
+def test_simnorm_groups():
+    x = jnp.array([0.0, math.log(3.0), 5.0, 5.0, 1.0, 2.0, 3.0, 4.0])
+    out = np.asarray(T.simnorm(x, 2))
+    np.testing.assert_allclose(out[:4], [0.25, 0.75, 0.5, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(out.reshape(4, 2).sum(-1), 1.0, rtol=1e-6)
+    z = T.simnorm(jax.random.normal(jax.random.key(0), (3, 64)), 8)
+    np.testing.assert_allclose(z.reshape(3, 8, 8).sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("agent_steps, gamma", [(500, 0.99), (1000, 0.995), (10, 0.95), (250, 0.98)])
+def test_discount_heuristic(agent_steps, gamma):
+    assert T.discount_heuristic(agent_steps) == pytest.approx(gamma)
+
+
+def test_running_scale_known_batches():
+    # 0..20: p5 = 1, p95 = 19 -> range 18; S = 1 + 0.01 (18 - 1)
+    assert float(T.running_scale_update(1.0, jnp.arange(21.0), 0.01)) == pytest.approx(1.17)
+    # two values: positions 0.05 and 0.95 interpolate to 0.5 and 9.5 -> range 9
+    assert float(T.running_scale_update(2.0, jnp.array([10.0, 0.0]), 0.5)) == pytest.approx(2.0 + 0.5 * (9 - 2))
+    # a range below 1 is floored at 1
+    assert float(T.running_scale_update(1.0, jnp.array([0.1, 0.2, 0.3]), 0.01)) == pytest.approx(1.0)
+
+
+def test_squashed_log_prob_2023_formula():
+    # One action dim: the 2023 formula is the true tanh-Gaussian density (up to the 1e-6 inside the log).
+    mu, log_std, eps = 0.3, -0.7, 0.8
+    u = mu + eps * math.exp(log_std)
+    a = math.tanh(u)
+    direct = stats.norm.logpdf(u, mu, math.exp(log_std)) - math.log(1 - a**2 + 1e-6)
+    got = T.squashed_gaussian_log_prob(jnp.array([eps]), jnp.array([log_std]), jnp.array([a]))
+    assert float(got) == pytest.approx(direct, rel=1e-5)
+    # Two dims: the Gaussian part is multiplied by A = 2 and the 0.5 log(2 pi) is counted once before that.
+    eps2, log_std2 = np.array([0.5, -1.0]), np.array([-1.0, 0.5])
+    a2 = np.tanh(np.array([0.1, -0.2]) + eps2 * np.exp(log_std2))
+    by_hand = 2 * (-0.125 + 1.0 - 0.5 - 0.5 - 0.5 * math.log(2 * math.pi)) - np.sum(np.log(1 - a2**2 + 1e-6))
+    got2 = T.squashed_gaussian_log_prob(jnp.array(eps2), jnp.array(log_std2), jnp.array(a2))
+    assert float(got2) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_first_nonfinite_names_loss_and_step():
+    info = {"consistency_loss": np.array([0.1, 0.2, 0.3]), "value_loss": np.array([1.0, np.nan, np.inf])}
+    assert T.first_nonfinite(info) == ("value_loss", 1)
+    assert T.first_nonfinite({"a": np.ones(3)}) is None
+
+
+# --- MPPI on a toy world model: reward -(a - 0.5)^2, static latent, zero policy and values ----------------------------
+class ToyNets:
+    """Same interface as tdmpc2_jax.Networks; the optimal first action is 0.5."""
+
+    def __init__(self, **planner):
+        base = dict(horizon=3, num_samples=256, num_elites=32, num_pi_trajs=0, iterations=6, min_std=0.05,
+                    max_std=2.0, temperature=0.5, num_q=2, **BINS)
+        self.args = SimpleNamespace(**{**base, **planner})
+        self.action_dim = 1
+
+    def reward(self, params, z, action):
+        return jnp.log(T.two_hot(-((action[..., 0] - 0.5) ** 2), **BINS) + 1e-30)
+
+    def next(self, params, z, action):
+        return z
+
+    def pi(self, params, z, key):
+        zeros = jnp.zeros(z.shape[:-1] + (1,))
+        return zeros, zeros, zeros[..., 0]
+
+    def q_two_random(self, params, z, action, key, dropout_key=None):
+        return jnp.zeros(z.shape[0]), jnp.zeros(z.shape[0])
+
+
+def toy_plan(nets, key, eval_mode=True):
+    agent = SimpleNamespace(wm_params={"qs": None}, pi_params=None)
+    plan = jax.jit(lambda k: T.plan(nets, agent, jnp.zeros(4), jnp.zeros((3, 1)), True, k, 0.99, eval_mode))
+    return plan(key)
+
+
+def test_mppi_moves_towards_optimum():
+    keys = jax.random.split(jax.random.key(0), 5)
+    actions = np.asarray(jax.vmap(lambda k: toy_plan(ToyNets(), k)[0])(keys))[:, 0]
+    assert (abs(actions - 0.5) < 0.15).all(), actions
+    _, mean = toy_plan(ToyNets(), jax.random.key(0))
+    assert abs(float(mean[0, 0]) - 0.5) < 0.1  # the planned mean of every step goes there, not only the action
+
+
+def test_mppi_picks_elites_by_score():
+    # At a huge temperature the score is one-hot on the best elite: its first action is the best of ~1500 samples.
+    nets = ToyNets(temperature=1e6, iterations=6)
+    action, _ = toy_plan(nets, jax.random.key(1))
+    assert abs(float(action[0]) - 0.5) < 0.01
+    # With one elite the mean is that elite, and it beats the sampling mean 0 it started from.
+    action, mean = toy_plan(ToyNets(num_elites=1, iterations=1), jax.random.key(2))
+    assert float(action[0]) == pytest.approx(float(mean[0, 0]), abs=1e-6)
+    assert abs(float(action[0]) - 0.5) < 0.5
+
+
+def test_mppi_exploration_noise_only_in_training():
+    nets = ToyNets(iterations=3)
+    eval_action, _ = toy_plan(nets, jax.random.key(3), eval_mode=True)
+    train_action, _ = toy_plan(nets, jax.random.key(3), eval_mode=False)
+    assert float(eval_action[0]) != float(train_action[0])
+
+
+# --- replay buffer -----------------------------------------------------------------------------------------------------
+def test_buffer_sequences_never_straddle_a_reset():
+    rows, num_envs, horizon = 23, 3, 3
+    episode_lengths = np.array([4, 5, 7])  # per env; the ring (23 rows) wraps twice over 60 writes
+    buf = T.buffer_init(rows, num_envs, obs_dim=2, action_dim=1)
+    episode_step = np.zeros(num_envs, int)
+    episode_id = np.arange(num_envs) * 1000
+    for _ in range(60):
+        obs = np.stack([episode_id, episode_step], -1).astype(np.float32)
+        next_obs = obs + np.array([0, 1], np.float32)
+        buf = T.buffer_add(buf, obs, np.zeros((num_envs, 1)), episode_step.astype(np.float32), next_obs,
+                           np.zeros(num_envs), episode_step)
+        episode_step = episode_step + 1
+        done = episode_step >= episode_lengths
+        episode_id = np.where(done, episode_id + 1, episode_id)
+        episode_step = np.where(done, 0, episode_step)
+
+    valid = np.asarray(T.valid_starts(buf, horizon))
+    # By hand: an episode of length L offers L - H + 1 starts; the ring holds the last 23 steps per env, so the
+    # oldest episode is cut (its first steps overwritten) and the newest may be unfinished.
+    assert valid.sum() > 0
+    cumsum = jnp.cumsum(valid.reshape(-1))
+    sample = jax.jit(T.buffer_sample, static_argnums=(3, 4))
+    seen = set()
+    for i in range(20):
+        obs, _, reward, _ = sample(buf, cumsum, jax.random.key(i), 256, horizon)
+        obs = np.asarray(obs)
+        assert (obs[..., 0] == obs[:1, :, 0]).all(), "a sequence mixes two episodes"
+        assert (np.diff(obs[..., 1], axis=0) == 1).all(), "steps within a sequence are not consecutive"
+        np.testing.assert_array_equal(np.asarray(reward), obs[:-1, :, 1])
+        seen.update(map(tuple, obs[0]))
+    assert len(seen) == valid.sum()  # every valid start gets sampled, and nothing else
+
+
+def test_every_args_field_is_used():
+    assert unused_args_fields("tdmpc2_jax.py") == []
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(model_size=7), "--model-size must be one of"),
+        (dict(num_elites=600), "--num-elites (600) must not exceed --num-samples (512)"),
+        (dict(num_pi_trajs=512), "--num-pi-trajs (512) must be below --num-samples"),
+        (dict(batch_size=2_000_000), "larger than the buffer can hold"),
+        (dict(total_steps=0), "--total-steps must be positive"),
+        (dict(num_envs=-4), "--num-envs must be positive"),
+        (dict(latent_dim=100), "must be a multiple of --simnorm-dim"),
+    ],
+)
+def test_resolve_args_refuses_impossible_settings(overrides, message):
+    with pytest.raises(T.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        T.resolve_args(T.Args(**overrides))
+
+
+def test_unwritable_run_folder_refused():
+    with pytest.raises(T.UserError, match="run folder /proc/not_writable is not writable"):
+        T.prepare_run_dir(T.Args(run_dir="/proc/not_writable"))
+
+
+def test_resolve_args_fills_model_size():
+    args = T.resolve_args(T.Args(model_size=1, mlp_dim=64))
+    assert (args.enc_dim, args.mlp_dim, args.latent_dim, args.num_enc_layers, args.num_q) == (256, 64, 128, 2, 2)
+
+
+def test_cli_help_lists_flags():
+    out = run_script("tdmpc2_jax.py", "--help").stdout
+    for flag in ["--env-id", "--k-update", "--model-size", "--collect-policy", "--action-repeat", "--impl",
+                 "--seed-steps", "--eval-freq", "--save-model", "--checkpoint-every", "--discount"]:
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--env-id", "HopperHopp"], "unknown env id 'HopperHopp'; DM Control ids: AcrobotSwingup"),
+        (["--num-elites", "600"], "must not exceed --num-samples"),
+    ],
+)
+def test_cli_bad_input_one_line_error(flags, message):
+    proc = run_script("tdmpc2_jax.py", "--env-id", "CartpoleBalance", *flags, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- runs ---------------------------------------------------------------------------------------------------------------
+def read_eval(run_dir):
+    with open(run_dir / "eval.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_run_writes_run_folder(tdmpc2_tiny_run):
+    record = json.loads((tdmpc2_tiny_run / "args.json").read_text())
+    assert record["env_id"] == "CartpoleBalance" and record["exp_name"] == "tiny" and record["seed"] == 1
+    assert record["versions"]["jax"] and record["latent_dim"] == 16
+    rows = read_eval(tdmpc2_tiny_run)
+    assert list(rows[0]) == ["step", "wall_time", "return_pi", "return_mppi"]
+    assert [int(r["step"]) for r in rows] == [0, 400, 800]
+    assert all(np.isfinite(float(r[c])) for r in rows for c in ("return_pi", "return_mppi"))
+    assert list(tdmpc2_tiny_run.glob("events.out.tfevents.*"))
+
+
+def test_same_seed_same_returns(tdmpc2_tiny_run, tmp_path):
+    run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--seed", "1", "--exp-name", "tiny", "--run-dir", str(tmp_path / "again"),
+               "--save-model")
+    strip = lambda rows: [(r["step"], r["return_pi"], r["return_mppi"]) for r in rows]
+    assert strip(read_eval(tmp_path / "again")) == strip(read_eval(tdmpc2_tiny_run))
+    assert (tmp_path / "again" / "checkpoints" / "step_800.msgpack").stat().st_size > 0
+
+
+LEARN = [
+    "--env-id", "CartpoleBalance", "--impl", "jax", "--model-size", "1", "--enc-dim", "64", "--mlp-dim", "128",
+    "--latent-dim", "64", "--num-envs", "16", "--k-update", "16", "--batch-size", "128", "--num-samples", "128",
+    "--num-elites", "16", "--num-pi-trajs", "8", "--iterations", "4", "--buffer-size", "100000",
+    "--total-steps", "20000", "--eval-freq", "10000", "--eval-episodes", "4",
+]
+
+
+@pytest.mark.slow
+def test_learns_cartpole_balance(tmp_path):
+    run_script("tdmpc2_jax.py", *LEARN, "--seed", "3", "--run-dir", str(tmp_path / "run"), timeout=1200)
+    final = read_eval(tmp_path / "run")[-1]
+    # The random policy in the same env and episode length, measured here.
+    venv = T.VectorEnv(T.load_env("CartpoleBalance", "jax"), action_repeat=2)
+
+    @jax.jit
+    def random_return(key):
+        def step(state, k):
+            action = jax.random.uniform(k, (8, venv.action_dim), minval=-1, maxval=1)
+            state, reward, _ = venv.step(state, action)
+            return state, reward
+
+        keys = jax.random.split(key, venv.max_agent_steps + 1)
+        _, rewards = jax.lax.scan(step, venv.reset(keys[0], 8), keys[1:])
+        return rewards.sum(0).mean()
+
+    random = float(random_return(jax.random.key(0)))
+    best = max(float(final["return_pi"]), float(final["return_mppi"]))
+    assert best > random + 300, (best, random)
