@@ -46,7 +46,7 @@ class Args:
 
     # Training schedule (every step count is in environment steps, action repeat included)
     total_steps: int = 4_000_000
-    """total environment steps"""
+    """total environment steps (the run ends at the first log point at or past it)"""
     num_envs: int = 256
     """number of MJX environments stepped together"""
     k_update: int = 256
@@ -62,11 +62,11 @@ class Args:
     pretrain_updates: Optional[int] = None
     """updates right after the seed steps (unset = what the UTD rule runs over the seed steps, official)"""
     eval_freq: int = 100_000
-    """env steps between evaluations"""
+    """env steps between evaluations (each runs at the first log point at or past a multiple of it, and at the end)"""
     eval_episodes: int = 10
     """episodes per evaluation, run once with the policy mean and once with MPPI"""
     log_freq: int = 10_000
-    """env steps between progress lines and TensorBoard points"""
+    """env steps between progress lines and TensorBoard points (one jitted chunk of vector steps)"""
     collect_policy: Literal["mppi", "pi"] = "mppi"
     """how training data is collected: MPPI (official) or a policy sample plus Gaussian noise (seed code)"""
     collect_noise: float = 0.3
@@ -391,7 +391,8 @@ class AgentState:
 
 def make_optimizers(args: Args, wm_params: dict):
     """Adam with the encoder at lr*enc_lr_scale, after one global-norm clip over the world model; policy separate."""
-    labels = {name: jax.tree.map(lambda _, n=name: "encoder" if n == "encoder" else "rest", p) for name, p in wm_params.items()}
+    labels = {name: jax.tree.map(lambda _, n=name: "encoder" if n == "encoder" else "rest", params)
+              for name, params in wm_params.items()}
     wm_tx = optax.chain(
         optax.clip_by_global_norm(args.grad_clip_norm),
         optax.multi_transform(
@@ -468,7 +469,8 @@ def policy_loss(nets: Networks, pi_params, wm_params, zs, scale, key):
 # Planner: MPPI over latent rollouts with policy-prior proposals
 # ---------------------------------------------------------------------------------------------------------------------
 def estimate_value(nets: Networks, agent: AgentState, z, actions, discount: float, key):
-    """G = sum_t gamma^t r_t + gamma^H * mean of two random Q heads at (z_H, pi(z_H)); z (N, latent), actions (H, N, A)."""
+    """G = sum_t gamma^t r_t + gamma^H * mean of two random Q heads at (z_H, pi(z_H)).
+    z: (N, latent), actions: (H, N, A)."""
     a = nets.args
 
     def step(carry, act):
@@ -547,7 +549,9 @@ def buffer_init(rows: int, num_envs: int, obs_dim: int, action_dim: int) -> Repl
     zeros = lambda *shape: jnp.zeros((rows, num_envs, *shape))
     return ReplayBuffer(
         obs=zeros(obs_dim), next_obs=zeros(obs_dim), action=zeros(action_dim), reward=zeros(), terminated=zeros(),
-        episode_step=jnp.zeros((rows, num_envs), jnp.int32), ptr=jnp.zeros((), jnp.int32), size=jnp.zeros((), jnp.int32),
+        episode_step=jnp.zeros((rows, num_envs), jnp.int32),
+        ptr=jnp.zeros((), jnp.int32),
+        size=jnp.zeros((), jnp.int32),
     )
 
 
@@ -598,7 +602,8 @@ def update(nets: Networks, wm_tx, pi_tx, discount: float, agent: AgentState, bat
     wm_params = optax.apply_updates(agent.wm_params, updates)
 
     pi_grad_fn = jax.value_and_grad(partial(policy_loss, nets), has_aux=True)
-    (_, (scale, pi_info)), pi_grads = pi_grad_fn(agent.pi_params, wm_params, jax.lax.stop_gradient(zs), agent.scale, k_pi)
+    zs = jax.lax.stop_gradient(zs)
+    (_, (scale, pi_info)), pi_grads = pi_grad_fn(agent.pi_params, wm_params, zs, agent.scale, k_pi)
     updates, pi_opt_state = pi_tx.update(pi_grads, agent.pi_opt_state, agent.pi_params)
     pi_params = optax.apply_updates(agent.pi_params, updates)
 
@@ -672,7 +677,8 @@ class Trainer:
     def run_updates(self, agent: AgentState, buffer: ReplayBuffer, key, num_updates):
         """`num_updates` (may be traced) gradient updates on buffer batches; returns the mean of each logged value."""
         valid_cumsum = jnp.cumsum(valid_starts(buffer, self.args.horizon).reshape(-1))
-        sample = partial(buffer_sample, buffer, valid_cumsum, batch_size=self.args.batch_size, horizon=self.args.horizon)
+        sample = partial(buffer_sample, buffer, valid_cumsum,
+                         batch_size=self.args.batch_size, horizon=self.args.horizon)
 
         def one_update(i, carry):
             agent, info_sum = carry
@@ -755,8 +761,12 @@ def resolve_args(args: Args) -> Args:
     enc, mlp, latent, layers, num_q = MODEL_SIZES[args.model_size]
     fill = lambda value, default: default if value is None else value
     args = dataclasses.replace(
-        args, enc_dim=fill(args.enc_dim, enc), mlp_dim=fill(args.mlp_dim, mlp), latent_dim=fill(args.latent_dim, latent),
-        num_enc_layers=fill(args.num_enc_layers, layers), num_q=fill(args.num_q, num_q),
+        args,
+        enc_dim=fill(args.enc_dim, enc),
+        mlp_dim=fill(args.mlp_dim, mlp),
+        latent_dim=fill(args.latent_dim, latent),
+        num_enc_layers=fill(args.num_enc_layers, layers),
+        num_q=fill(args.num_q, num_q),
     )
     positive = ["total_steps", "num_envs", "k_update", "action_repeat", "eval_freq", "eval_episodes", "log_freq",
                 "buffer_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "simnorm_dim", "batch_size",

@@ -36,7 +36,8 @@ def run_script(script: str, *args: str, timeout: float = 600, check: bool = True
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{output}")
     return proc
 
 

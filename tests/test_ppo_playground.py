@@ -288,11 +288,9 @@ def test_cli_help():
         assert flag in out
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--env-id", "Nope"], "valid DM Control ids"),
-    (["--num-envs", "3000"], "--num-envs in"),
-])
-def test_cli_bad_input_one_line_error(flags, needle):
+def test_cli_bad_input_one_line_error():
+    """As a user sees it: exit code, no traceback, one line (the other refusals are checked in-process above)."""
+    flags, needle = ["--env-id", "Nope"], "valid DM Control ids"
     proc = run_script("ppo_playground.py", *flags, check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr

@@ -18,7 +18,7 @@ import tdmpc2_jax as T
 BINS = dict(num_bins=101, vmin=-10.0, vmax=10.0)  # bin width 0.2, bin i at -10 + 0.2 i
 
 
-# --- pure math -------------------------------------------------------------------------------------------------------
+# --- pure math ---
 def test_symlog_symexp_hand_values():
     e = math.e
     np.testing.assert_allclose(T.symlog(jnp.array([0.0, e - 1, -(e**2 - 1)])), [0.0, 1.0, -2.0], atol=1e-6)
@@ -159,7 +159,7 @@ def test_mppi_exploration_noise_only_in_training():
     assert float(eval_action[0]) != float(train_action[0])
 
 
-# --- replay buffer -----------------------------------------------------------------------------------------------------
+# --- replay buffer ---
 def test_buffer_sequences_never_straddle_a_reset():
     rows, num_envs, horizon = 23, 3, 3
     episode_lengths = np.array([4, 5, 7])  # per env; the ring (23 rows) wraps twice over 60 writes
@@ -197,7 +197,7 @@ def test_every_args_field_is_used():
     assert unused_args_fields("tdmpc2_jax.py") == []
 
 
-# --- bad input ---------------------------------------------------------------------------------------------------------
+# --- bad input ---
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -246,7 +246,7 @@ def test_cli_bad_input_one_line_error(flags, message):
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-# --- runs ---------------------------------------------------------------------------------------------------------------
+# --- runs ---
 def read_eval(run_dir):
     with open(run_dir / "eval.csv") as f:
         return list(csv.DictReader(f))
