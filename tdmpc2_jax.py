@@ -906,7 +906,7 @@ def train(args: Args) -> Path:
 
     trainer = Trainer(args, venv, discount, seed_vector_steps)
     key, k_init = jax.random.split(jax.random.key(args.seed))
-    carry = trainer.init(k_init)
+    carry = jax.jit(trainer.init)(k_init)  # jitted: its outputs match the chunk's, so nothing compiles twice
     chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
     train_chunk = jax.jit(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), donate_argnums=0)
     evaluate = jax.jit(trainer.evaluate)

@@ -44,7 +44,7 @@ def make_trainer(env_id: str, seed_vector_steps: int, **overrides):
 
 def filled_carry(trainer, vector_steps: int):
     """A carry whose buffer holds `vector_steps` random-action steps (the trainer must still be seeding)."""
-    carry = trainer.init(jax.random.key(0))
+    carry = jax.jit(trainer.init)(jax.random.key(0))
     carry, _ = jax.jit(partial(trainer.chunk, num_vector_steps=vector_steps))(carry)
     return carry
 

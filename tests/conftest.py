@@ -21,7 +21,7 @@ TINY_TDMPC2 = [
     "--num-envs", "4", "--k-update", "2", "--batch-size", "16",
     "--num-samples", "32", "--num-elites", "4", "--num-pi-trajs", "4", "--iterations", "2",
     "--episode-length", "100", "--seed-steps", "200", "--total-steps", "800",
-    "--eval-freq", "400", "--eval-episodes", "2",
+    "--eval-freq", "400", "--eval-episodes", "2", "--buffer-size", "4000",
 ]
 
 
