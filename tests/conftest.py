@@ -1,8 +1,11 @@
-"""Shared test helpers: run a script as a user would, and a tiny TD-MPC2 run folder reused by several tests."""
+"""Shared test helpers: run a script as a user would, read its run folder, and a tiny TD-MPC2 run folder reused by
+several tests."""
 
 import ast
+import csv
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -24,6 +27,15 @@ TINY_TDMPC2 = [
     "--eval-freq", "400", "--eval-episodes", "2", "--buffer-size", "4000",
 ]
 
+# Learning check on CartpoleBalance: MPPI collection, UTD 2, official seeding (5,000 env steps, then a 5,000-update
+# burst), 10k env steps; ~3.5 min on 2 cores. The variant scripts reuse it so their learning tests compare alike.
+LEARN_TDMPC2 = [
+    "--env-id", "CartpoleBalance", "--impl", "jax", "--model-size", "1", "--enc-dim", "32", "--mlp-dim", "64",
+    "--latent-dim", "32", "--num-envs", "4", "--k-update", "8", "--batch-size", "64", "--num-samples", "64",
+    "--num-elites", "8", "--num-pi-trajs", "4", "--iterations", "3", "--buffer-size", "20000",
+    "--total-steps", "10000", "--eval-freq", "10000", "--log-freq", "2000", "--eval-episodes", "4",
+]
+
 
 def run_script(script: str, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python script args...` from the repo root; on failure show its output."""
@@ -39,6 +51,50 @@ def run_script(script: str, *args: str, timeout: float = 600, check: bool = True
         output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{output}")
     return proc
+
+
+def read_eval(run_dir: Path) -> list[dict]:
+    with open(run_dir / "eval.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def read_tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of a TensorBoard events file, read straight from its TFRecord framing."""
+    from tensorboardX.proto import event_pb2
+
+    (path,) = run_dir.glob("events.out.tfevents.*")
+    data, i, out = path.read_bytes(), 0, {}
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[i + 12:i + 12 + n])
+        i += 12 + n + 4
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def random_policy_return(env_id: str, episodes: int = 8) -> float:
+    """Mean return of uniform random actions, with the TD-MPC scripts' env settings (action repeat 2)."""
+    import jax
+
+    import tdmpc2_jax as T
+
+    venv = T.VectorEnv(T.load_env(env_id, "jax"), action_repeat=2)
+
+    @jax.jit
+    def random_return(key):
+        def step(state, k):
+            action = jax.random.uniform(k, (episodes, venv.action_dim), minval=-1, maxval=1)
+            state, reward, _ = venv.step(state, action)
+            return state, reward
+
+        keys = jax.random.split(key, venv.max_agent_steps + 1)
+        _, rewards = jax.lax.scan(step, venv.reset(keys[0], episodes), keys[1:])
+        return rewards.sum(0).mean()
+
+    return float(random_return(jax.random.key(0)))
 
 
 @pytest.fixture(scope="session")

@@ -4,17 +4,15 @@ The CLI runs share one persistent JAX compilation cache and one set of shapes, s
 """
 
 import ast
-import csv
 import json
 import math
-import struct
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, read_eval, read_tb_scalars, run_script
 from scipy import stats
 
 import ppo_playground as P
@@ -39,28 +37,6 @@ def run_ppo(cache: Path, *args: str, check: bool = True):
         mp.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
         mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         return run_script("ppo_playground.py", *args, check=check)
-
-
-def read_eval(run_dir: Path) -> list[dict]:
-    with open(run_dir / "eval.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def read_tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of a TensorBoard events file, read straight from its TFRecord framing."""
-    from tensorboardX.proto import event_pb2
-
-    (path,) = run_dir.glob("events.out.tfevents.*")
-    data, i, out = path.read_bytes(), 0, {}
-    while i < len(data):
-        (n,) = struct.unpack("<Q", data[i:i + 8])
-        event = event_pb2.Event()
-        event.ParseFromString(data[i + 12:i + 12 + n])
-        i += 12 + n + 4
-        for value in event.summary.value:
-            if value.HasField("simple_value"):
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

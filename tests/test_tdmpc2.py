@@ -1,7 +1,6 @@
 """tdmpc2_jax.py: math against hand-computed numbers, MPPI on a toy model, the replay buffer, the CLI, determinism
 and learning on CartpoleBalance."""
 
-import csv
 import json
 import math
 from types import SimpleNamespace
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_TDMPC2, run_script, unused_args_fields
+from conftest import LEARN_TDMPC2, TINY_TDMPC2, random_policy_return, read_eval, run_script, unused_args_fields
 from scipy import stats
 
 import tdmpc2_jax as T
@@ -247,11 +246,6 @@ def test_cli_bad_input_one_line_error(flags, message):
 
 
 # --- runs ---
-def read_eval(run_dir):
-    with open(run_dir / "eval.csv") as f:
-        return list(csv.DictReader(f))
-
-
 def test_tiny_run_writes_run_folder(tdmpc2_tiny_run):
     record = json.loads((tdmpc2_tiny_run / "args.json").read_text())
     assert record["env_id"] == "CartpoleBalance" and record["exp_name"] == "tiny" and record["seed"] == 1
@@ -271,33 +265,11 @@ def test_same_seed_same_returns(tdmpc2_tiny_run, tmp_path):
     assert (tmp_path / "again" / "checkpoints" / "step_800.msgpack").stat().st_size > 0
 
 
-LEARN = [  # MPPI collection, UTD 2, official seeding (5,000 env steps, then a 5,000-update burst): ~4 min on 2 cores
-    "--env-id", "CartpoleBalance", "--impl", "jax", "--model-size", "1", "--enc-dim", "32", "--mlp-dim", "64",
-    "--latent-dim", "32", "--num-envs", "4", "--k-update", "8", "--batch-size", "64", "--num-samples", "64",
-    "--num-elites", "8", "--num-pi-trajs", "4", "--iterations", "3", "--buffer-size", "20000",
-    "--total-steps", "10000", "--eval-freq", "10000", "--log-freq", "2000", "--eval-episodes", "4",
-]
-
-
 @pytest.mark.slow
 def test_learns_cartpole_balance(tmp_path):
-    run_script("tdmpc2_jax.py", *LEARN, "--seed", "3", "--run-dir", str(tmp_path / "run"), timeout=1200)
+    run_script("tdmpc2_jax.py", *LEARN_TDMPC2, "--seed", "3", "--run-dir", str(tmp_path / "run"), timeout=1200)
     final = read_eval(tmp_path / "run")[-1]
-    # The random policy in the same env and episode length, measured here.
-    venv = T.VectorEnv(T.load_env("CartpoleBalance", "jax"), action_repeat=2)
-
-    @jax.jit
-    def random_return(key):
-        def step(state, k):
-            action = jax.random.uniform(k, (8, venv.action_dim), minval=-1, maxval=1)
-            state, reward, _ = venv.step(state, action)
-            return state, reward
-
-        keys = jax.random.split(key, venv.max_agent_steps + 1)
-        _, rewards = jax.lax.scan(step, venv.reset(keys[0], 8), keys[1:])
-        return rewards.sum(0).mean()
-
-    random = float(random_return(jax.random.key(0)))
+    random = random_policy_return("CartpoleBalance")
     best = max(float(final["return_pi"]), float(final["return_mppi"]))
     print(f"random {random:.1f}, trained pi {final['return_pi']}, mppi {final['return_mppi']}")
     assert best > random + 200, (best, random)
