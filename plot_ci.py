@@ -300,7 +300,8 @@ def summarize(runs, metric="best-any", min_steps=4_000_000, g1=500.0, g2=600.0, 
         counted, values = [], []
         for run in sorted(members, key=lambda r: (r.seed, str(r.path))):
             value = metric_value(run, metric)
-            if countable(run.last_step, value, min_steps, g1):
+            # A run without a finite metric (every eval NaN) is listed below the table, not averaged in.
+            if not math.isnan(value) and countable(run.last_step, value, min_steps, g1):
                 counted.append(run)
                 values.append(value)
             else:
@@ -337,7 +338,7 @@ def format_markdown(rows, rejected, metric, min_steps, g1, g2) -> str:
     ]
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
     if rejected:
-        lines += ["", f"Not countable yet (last step < {min_steps:,.0f} and {metric} < {g1:g}):"]
+        lines += ["", f"Not countable yet (last step < {min_steps:,.0f} and {metric} < {g1:g}; or no finite return):"]
         for env_id, family, run, value in rejected:
             last = "no evaluation yet" if run.last_step is None else f"last step {run.last_step:,}"
             lines.append(f"- {env_id} / {family} seed {run.seed}: {last}, {metric} {_num(value)} ({run.path})")

@@ -9,6 +9,7 @@ the machine they came from; nothing here is asserted.
 
 import argparse
 import dataclasses
+import os
 import platform
 import subprocess
 import sys
@@ -22,6 +23,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import tdmpc2_jax as T  # noqa: E402
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() often says only x86_64)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -89,13 +99,13 @@ def bench_full_loop(env_id: str, collect_policy: str, repeats: int, vector_steps
 
 
 def learning_curve():
-    """Tiny model on CartpoleBalance to 30k env steps, eval every 5k (the README's learning-curve row)."""
+    """The learning test's tiny model and flags (tests/conftest.py) on CartpoleBalance, run on to 30k env steps with an
+    eval every 5k (the README's learning-curve row)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import LEARN_TDMPC2
+
     run_dir = REPO / "runs" / f"bench_learning_curve_{int(time.time())}"
-    flags = ["--env-id", "CartpoleBalance", "--impl", "jax", "--model-size", "1", "--enc-dim", "32", "--mlp-dim", "64",
-             "--latent-dim", "32", "--num-envs", "8", "--k-update", "8", "--batch-size", "64", "--num-samples", "64",
-             "--num-elites", "8", "--num-pi-trajs", "4", "--iterations", "2", "--collect-policy", "pi",
-             "--buffer-size", "30000", "--total-steps", "30000", "--eval-freq", "5000", "--eval-episodes", "4",
-             "--run-dir", str(run_dir)]
+    flags = [*LEARN_TDMPC2, "--total-steps", "30000", "--eval-freq", "5000", "--seed", "3", "--run-dir", str(run_dir)]
     print("learning curve:", "python tdmpc2_jax.py " + " ".join(flags), flush=True)
     subprocess.run([sys.executable, str(REPO / "tdmpc2_jax.py"), *flags], check=True)
     print((run_dir / "eval.csv").read_text())
@@ -105,10 +115,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env-id", default="HopperHop")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--learning-curve", action="store_true")
+    parser.add_argument("--learning-curve", action="store_true", help="also run the 30k-step learning curve")
+    parser.add_argument("--only-learning-curve", action="store_true", help="run just the learning curve")
     cli = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].platform}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {jax.device_count()} x {jax.devices()[0].platform}, "
           f"jax {jax.__version__}", flush=True)
+    if cli.only_learning_curve:
+        learning_curve()
+        sys.exit(0)
     for name, seconds in bench_pieces(cli.env_id, cli.repeats).items():
         print(f"{name}: {1e3 * seconds:.1f} ms", flush=True)
     for policy in ("mppi", "pi"):

@@ -272,6 +272,16 @@ def test_run_folder_given_directly_and_runs_without_evaluations(tmp_path, capsys
     assert (tmp_path / "curves_HopperHop.png").stat().st_size > 0
 
 
+def test_run_with_only_nan_returns_is_listed_not_averaged(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root, "HopperHop", "mixed", 1, ramp(4_000_000, 700.0))
+    write_run(root, "HopperHop", "mixed", 2, [(s, math.nan, math.nan) for s in range(0, 4_000_001, 1_000_000)])
+    text = main_ok(capsys, root, "--out", tmp_path)
+    row = table_rows(text)["HopperHop", "mixed"]
+    assert (row["Runs"], row["Mean"]) == ("1", "700.0")
+    assert "mixed seed 2: last step 4,000,000, best-any —" in text
+
+
 def test_demo_runs(tmp_path, capsys):
     rows = table_rows(main_ok(capsys, write_demo_runs(tmp_path / "demo"), "--out", tmp_path))
     assert rows["HopperHop", "synthetic_b"]["Runs"] == "5" and rows["HopperHop", "synthetic_a"]["Runs"] == "4"

@@ -281,6 +281,10 @@ def tiny_runs(tmp_path_factory, compile_cache) -> list[Path]:
     return [Path(f"{base}__3"), Path(f"{base}__4")]
 
 
+same_worker = pytest.mark.xdist_group("ppo_tiny_runs")  # under pytest-xdist: one worker runs (and compiles) tiny_runs
+
+
+@same_worker
 def test_cli_smoke_writes_run_folder(tiny_runs):
     for seed, run_dir in zip((3, 4), tiny_runs, strict=True):
         record = json.loads((run_dir / "args.json").read_text())
@@ -300,11 +304,13 @@ def test_cli_smoke_writes_run_folder(tiny_runs):
         assert list((run_dir / "checkpoints").glob("*.msgpack"))
 
 
+@same_worker
 def test_num_seeds_gives_separate_folders_with_different_curves(tiny_runs):
     a, b = (read_eval(d) for d in tiny_runs)
     assert [r["return"] for r in a] != [r["return"] for r in b]
 
 
+@same_worker
 def test_equal_seeds_give_identical_returns(tiny_runs, compile_cache, tmp_path):
     run_ppo(compile_cache, *TINY, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(tmp_path / "again"))
     for original, again in zip(tiny_runs, (Path(f"{tmp_path}/again__3"), Path(f"{tmp_path}/again__4")), strict=True):

@@ -1,0 +1,1095 @@
+"""TD-MPC2 with structural-entropy (SE) and information-bottleneck (IB) regularisers on SimNorm modules, in JAX on
+MuJoCo Playground (MJX): one self-contained file.
+
+`tdmpc2_jax.py` unchanged, plus terms added to the world-model loss. Each SimNorm group of `simnorm_dim` features
+is read as a soft choice among `simnorm_dim` symbols ("modules"): IB pulls every group towards uniform symbol use;
+SE treats consecutive rollout latents as a transition-flow graph between modules and prefers sharp, persistent
+modules (1D: one level; 2D: modules grouped into super-modules). With both coefficients 0 (the default) a run is
+bit for bit the `tdmpc2_jax.py` run with the same seed and flags.
+Docs: README.md, section "se_ib_tdmpc2.py: SE / IB regularisers on SimNorm modules"; formulas: REFERENCE §3.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Literal, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization, struct
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    env_id: str = "HopperHop"
+    """MuJoCo Playground environment id (DM Control suite names such as HopperHop, CartpoleBalance)"""
+    run_dir: Optional[str] = None
+    """run folder (unset = runs/{env_id}__{exp_name}__{seed}__{unix_time})"""
+    save_model: bool = False
+    """write a checkpoint at the end of training"""
+    checkpoint_every: Optional[int] = None
+    """also write a checkpoint every this many env steps (unset = never)"""
+
+    # Training schedule (every step count is in environment steps, action repeat included)
+    total_steps: int = 4_000_000
+    """total environment steps (the run ends at the first log point at or past it)"""
+    num_envs: int = 256
+    """number of MJX environments stepped together"""
+    k_update: int = 256
+    """gradient updates per vector step (UTD per agent step = k_update / num_envs; the official rate is 1)"""
+    action_repeat: int = 2
+    """env steps per agent step (2 is the official DMC protocol)"""
+    episode_length: Optional[int] = None
+    """episode length in env steps (unset = the environment's own, 1000 for DM Control)"""
+    impl: Optional[Literal["jax", "warp"]] = None
+    """MJX backend (unset = warp when a GPU is present, jax otherwise)"""
+    seed_steps: Optional[int] = None
+    """env steps of uniform random actions before training (unset = max(1000, 5 episodes) agent steps, official)"""
+    pretrain_updates: Optional[int] = None
+    """updates right after the seed steps (unset = what the UTD rule runs over the seed steps, official)"""
+    eval_freq: int = 100_000
+    """env steps between evaluations (each runs at the first log point at or past a multiple of it, and at the end)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run once with the policy mean and once with MPPI"""
+    log_freq: int = 10_000
+    """env steps between progress lines and TensorBoard points (one jitted chunk of vector steps)"""
+    collect_policy: Literal["mppi", "pi"] = "mppi"
+    """how training data is collected: MPPI (official) or a policy sample plus Gaussian noise (seed code)"""
+    collect_noise: float = 0.3
+    """std of the Gaussian noise added to policy samples with --collect-policy pi"""
+    buffer_size: int = 1_000_000
+    """replay buffer capacity in transitions"""
+
+    # Model (official model sizes; single dims can be overridden)
+    model_size: int = 5
+    """official model size in millions of parameters: 1, 5, 19, 48 or 317"""
+    enc_dim: Optional[int] = None
+    """encoder hidden width (unset = from --model-size)"""
+    mlp_dim: Optional[int] = None
+    """hidden width of dynamics, reward, Q and policy MLPs (unset = from --model-size)"""
+    latent_dim: Optional[int] = None
+    """latent state size (unset = from --model-size)"""
+    num_enc_layers: Optional[int] = None
+    """encoder layers (unset = from --model-size)"""
+    num_q: Optional[int] = None
+    """Q-functions in the ensemble (unset = from --model-size)"""
+    simnorm_dim: int = 8
+    """SimNorm group size"""
+    num_bins: int = 101
+    """two-hot bins for reward and Q"""
+    vmin: float = -10.0
+    """lowest two-hot bin (symlog space)"""
+    vmax: float = 10.0
+    """highest two-hot bin (symlog space)"""
+    dropout: float = 0.01
+    """dropout after the first layer of each Q-function"""
+
+    # Optimisation
+    lr: float = 3e-4
+    """learning rate"""
+    enc_lr_scale: float = 0.3
+    """encoder learning rate multiplier"""
+    grad_clip_norm: float = 20.0
+    """global gradient-norm clip (world model and policy separately)"""
+    batch_size: int = 256
+    """sequences per gradient update"""
+    horizon: int = 3
+    """rollout and planning horizon H"""
+    rho: float = 0.5
+    """temporal weight rho^t of the rollout losses"""
+    tau: float = 0.01
+    """Polyak rate of the target Q-functions and of the Q scale"""
+    consistency_coef: float = 20.0
+    """latent consistency loss weight"""
+    reward_coef: float = 0.1
+    """reward loss weight"""
+    value_coef: float = 0.1
+    """value loss weight"""
+    entropy_coef: float = 1e-4
+    """policy entropy weight"""
+    log_std_min: float = -10.0
+    """policy log-std lower bound"""
+    log_std_max: float = 2.0
+    """policy log-std upper bound"""
+    discount: Optional[float] = None
+    """discount (unset = the official heuristic from the episode length)"""
+
+    # Planning (MPPI)
+    num_samples: int = 512
+    """action sequences per MPPI iteration"""
+    num_elites: int = 64
+    """elite sequences"""
+    num_pi_trajs: int = 24
+    """sequences proposed by the policy prior"""
+    iterations: Optional[int] = None
+    """MPPI iterations (unset = 6, +2 when the action has 20 or more dims)"""
+    min_std: float = 0.05
+    """lower bound of the sampling std"""
+    max_std: float = 2.0
+    """initial sampling std and its upper bound"""
+    temperature: float = 0.5
+    """MPPI temperature"""
+
+    # SE / IB regularisers on SimNorm modules (all off by default: then this is tdmpc2_jax.py)
+    se_coef: float = 0.0
+    """weight of the structural-entropy loss on the rollout's module transition flow (0 = off)"""
+    ib_coef: float = 0.0
+    """weight of the information-bottleneck loss KL(SimNorm group || uniform) (0 = off)"""
+    se_2d: bool = False
+    """use the two-level SE with fixed super-modules instead of the one-level proxy (needs --se-coef)"""
+    num_super_modules: int = 2
+    """super-modules of --se-2d: contiguous, equal ranges of the simnorm_dim modules (must divide simnorm_dim)"""
+
+
+MODEL_SIZES = {  # official TD-MPC2 configs: enc_dim, mlp_dim, latent_dim, num_enc_layers, num_q
+    1: (256, 384, 128, 2, 2),
+    5: (256, 512, 512, 2, 5),
+    19: (1024, 1024, 768, 3, 5),
+    48: (1792, 1792, 768, 4, 5),
+    317: (4096, 4096, 1376, 5, 8),
+}
+
+
+class UserError(Exception):
+    """A mistake in the command line or the environment: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment: MuJoCo Playground, vectorised with vmap, action repeat and auto-reset inside jit
+# ---------------------------------------------------------------------------------------------------------------------
+def default_impl() -> str:
+    """warp is Playground's GPU backend; on a CPU the pure-JAX backend is far faster."""
+    return "warp" if any(d.platform == "gpu" for d in jax.devices()) else "jax"
+
+
+def load_env(env_id: str, impl: str, episode_length: Optional[int] = None):
+    from mujoco_playground import registry  # imported here so that importing this file stays cheap
+
+    if env_id not in registry.ALL_ENVS:
+        dmc = ", ".join(registry.dm_control_suite.ALL_ENVS)
+        raise UserError(f"unknown env id {env_id!r}; DM Control ids: {dmc} (see registry.ALL_ENVS for the rest)")
+    overrides = {"impl": impl}
+    if episode_length is not None:
+        overrides["episode_length"] = episode_length
+    return registry.load(env_id, config_overrides=overrides)
+
+
+def observation(env_state) -> jax.Array:
+    """Flat observation; Playground's dict observations (locomotion) use their 'state' entry."""
+    obs = env_state.obs
+    return obs["state"] if isinstance(obs, dict) else obs
+
+
+class VectorEnv:
+    """`num` copies of a Playground env; one `step` is one agent step of `action_repeat` env steps."""
+
+    def __init__(self, env, action_repeat: int):
+        self.env = env
+        self.action_repeat = action_repeat
+        self.obs_dim = int(np.prod(observation(jax.eval_shape(env.reset, jax.random.key(0))).shape))
+        self.action_dim = env.action_size
+        self.max_agent_steps = math.ceil(env._config.episode_length / action_repeat)
+
+    def reset(self, key: jax.Array, num: int):
+        return jax.vmap(self.env.reset)(jax.random.split(key, num))
+
+    def step(self, env_state, action: jax.Array):
+        """Repeat `action`; returns the new state, the summed reward and whether the env signalled done."""
+
+        def one_env(state, act):
+            def repeat(carry, _):
+                state, reward, done = carry
+                state = self.env.step(state, act)
+                return (state, reward + state.reward, jnp.maximum(done, state.done)), None
+
+            (state, reward, done), _ = jax.lax.scan(
+                repeat, (state, jnp.zeros(()), jnp.zeros(())), None, length=self.action_repeat
+            )
+            return state, reward, done > 0
+
+        return jax.vmap(one_env)(env_state, action)
+
+    def reset_where(self, env_state, finished: jax.Array, key: jax.Array):
+        """Fresh random initial states for finished envs; skipped when none finished (DMC episodes end together)."""
+
+        def reset_finished():
+            fresh = self.reset(key, finished.shape[0])
+            pick = lambda new, old: jnp.where(finished.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+            return jax.tree.map(pick, fresh, env_state)
+
+        return jax.lax.cond(finished.any(), reset_finished, lambda: env_state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure math: symlog, two-hot, SimNorm, discount, log-probabilities, running scale
+# ---------------------------------------------------------------------------------------------------------------------
+def symlog(x):
+    return jnp.sign(x) * jnp.log1p(jnp.abs(x))
+
+
+def symexp(x):
+    return jnp.sign(x) * jnp.expm1(jnp.abs(x))
+
+
+def two_hot(x, num_bins: int, vmin: float, vmax: float):
+    """Scalars -> (..., num_bins): mass 1-off on the bin below symlog(x) and off on the next one."""
+    bin_size = (vmax - vmin) / (num_bins - 1)
+    pos = (jnp.clip(symlog(x), vmin, vmax) - vmin) / bin_size
+    lower = jnp.floor(pos)
+    offset = (pos - lower)[..., None]
+    lower = lower.astype(jnp.int32)
+    return jax.nn.one_hot(lower, num_bins) * (1 - offset) + jax.nn.one_hot(lower + 1, num_bins) * offset
+
+
+def two_hot_inv(logits, num_bins: int, vmin: float, vmax: float):
+    """(..., num_bins) logits -> scalars: symexp of the expected bin value."""
+    bins = jnp.linspace(vmin, vmax, num_bins)
+    return symexp(jnp.sum(jax.nn.softmax(logits, axis=-1) * bins, axis=-1))
+
+
+def soft_cross_entropy(logits, target, num_bins: int, vmin: float, vmax: float):
+    """Cross-entropy between logits and the two-hot encoding of scalar targets."""
+    return -jnp.sum(two_hot(target, num_bins, vmin, vmax) * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def simnorm(x, simnorm_dim: int):
+    """Simplicial normalisation: softmax within consecutive groups of `simnorm_dim` features."""
+    groups = x.reshape(*x.shape[:-1], -1, simnorm_dim)
+    return jax.nn.softmax(groups, axis=-1).reshape(x.shape)
+
+
+# SE / IB on SimNorm modules (REFERENCE §3): a latent's module assignment is the mean of its SimNorm groups.
+def xlogx(p):
+    """p * log p with 0 log 0 = 0; the inner where keeps the gradient finite (0) at p = 0."""
+    positive = p > 0
+    return jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0)
+
+
+def module_assignment(z, simnorm_dim: int):
+    """(..., latent) SimNorm latents -> (..., simnorm_dim): the average of the groups, a distribution over modules."""
+    return z.reshape(*z.shape[:-1], -1, simnorm_dim).mean(-2)
+
+
+def ib_loss(z, simnorm_dim: int):
+    """KL(p || uniform) = sum_i p_i (log p_i + log simnorm_dim) per SimNorm group, averaged over groups and rows.
+    z is already probabilities per group (no second softmax)."""
+    p = z.reshape(*z.shape[:-1], -1, simnorm_dim)
+    return jnp.mean(jnp.sum(xlogx(p) + p * math.log(simnorm_dim), axis=-1))
+
+
+def volume_and_cut(flow):
+    """Per node of a flow graph (K, K): volume = out- plus in-flow, cut = volume - 2 * self-flow (>= 0)."""
+    volume = flow.sum(0) + flow.sum(1)
+    return volume, jnp.maximum(volume - 2 * jnp.diag(flow), 0.0)
+
+
+def module_flow(source, target):
+    """Soft transition graph between modules from (N, M) assignments at t and t+1: flow (M, M) = sourceᵀ target / N,
+    its volumes and cuts, and the total volume (>= 1e-8)."""
+    flow = source.T @ target / source.shape[0]
+    volume, cut = volume_and_cut(flow)
+    return flow, volume, cut, jnp.maximum(volume.sum(), 1e-8)
+
+
+def safe_log(x):
+    """log with its argument clamped at 1e-8, as the seed code does: empty modules give finite values and grads."""
+    return jnp.log(jnp.maximum(x, 1e-8))
+
+
+def se_loss_1d(source, target):
+    """One-level structural-entropy proxy (nats): -sum_a (cut_a / total) ln(volume_a / total)."""
+    _, volume, cut, total = module_flow(source, target)
+    return -jnp.sum(cut / total * safe_log(volume / total))
+
+
+def se_loss_2d(source, target, num_super_modules: int):
+    """Two-level SE: module a sits in super-module a // (M / num_super_modules); super-module volumes V_j and cuts
+    g_j come from the same flow summed over blocks.
+    -sum_j (g_j / total) ln(V_j / total) - sum_a (cut_a / total) ln(volume_a / V_super(a))."""
+    flow, volume, cut, total = module_flow(source, target)
+    num_modules = flow.shape[0]
+    size = num_modules // num_super_modules
+    super_flow = flow.reshape(num_super_modules, size, num_super_modules, size).sum(axis=(1, 3))
+    super_volume, super_cut = volume_and_cut(super_flow)
+    parent_volume = jnp.maximum(jnp.repeat(super_volume, size), 1e-8)  # V_super(a) for every module a
+    between = -jnp.sum(super_cut / total * safe_log(super_volume / total))
+    within = -jnp.sum(cut / total * safe_log(volume / parent_volume))
+    return between + within
+
+
+def usage_entropy(z, simnorm_dim: int):
+    """Entropy (nats) of the module usage histogram: module_assignment averaged over all rows of z (..., latent)."""
+    usage = module_assignment(z, simnorm_dim).reshape(-1, simnorm_dim).mean(0)
+    return -jnp.sum(xlogx(usage))
+
+
+def discount_heuristic(episode_length: int) -> float:
+    """Official TD-MPC2 discount from the episode length in agent steps: (f-1)/f with f = length/5, clipped."""
+    frac = episode_length / 5
+    return float(min(max((frac - 1) / frac, 0.95), 0.995))
+
+
+def squashed_gaussian_log_prob(eps, log_std, action):
+    """Log-prob of a = tanh(mu + eps*std) as in the official 2023 code (the one behind the published curves):
+    the Gaussian term is multiplied by the action dimension, then the tanh correction is subtracted."""
+    action_dim = eps.shape[-1]
+    gaussian = jnp.sum(-0.5 * eps**2 - log_std, axis=-1) - 0.5 * jnp.log(2 * jnp.pi)
+    return action_dim * gaussian - jnp.sum(jnp.log(jax.nn.relu(1 - action**2) + 1e-6), axis=-1)
+
+
+def running_scale_update(scale, q, tau: float):
+    """RunningScale: lerp towards max(p95 - p5, 1) of a batch of Q-values (linear-interpolated percentiles)."""
+    p5, p95 = jnp.percentile(q, jnp.array([5.0, 95.0]), method="linear")
+    return scale + tau * (jnp.maximum(p95 - p5, 1.0) - scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks: NormedLinear MLPs (Dense -> Dropout -> LayerNorm -> Mish), SimNorm latent, Q ensemble, policy prior
+# ---------------------------------------------------------------------------------------------------------------------
+def trunc_normal_init(key, shape, dtype=jnp.float32):
+    """torch.nn.init.trunc_normal_(std=0.02) as the official code uses it: truncated at +-2 absolute, i.e. +-100 std."""
+    return 0.02 * jax.random.truncated_normal(key, -100.0, 100.0, shape, dtype)
+
+
+class MLP(nn.Module):
+    hidden_dims: Sequence[int]
+    out_dim: int
+    simnorm_dim: int = 0
+    """> 0: the output layer is NormedLinear with SimNorm (encoder, dynamics); 0: a plain linear output"""
+    dropout: float = 0.0
+    """dropout after the first layer (Q-functions)"""
+    zero_output: bool = False
+    """zero-initialised output weights (reward and Q heads)"""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for i, width in enumerate(self.hidden_dims):
+            x = nn.Dense(width, kernel_init=trunc_normal_init)(x)
+            if i == 0 and self.dropout > 0:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = jax.nn.mish(nn.LayerNorm(epsilon=1e-5)(x))
+        out_init = nn.initializers.zeros if self.zero_output else trunc_normal_init
+        x = nn.Dense(self.out_dim, kernel_init=out_init)(x)
+        if self.simnorm_dim:
+            x = simnorm(nn.LayerNorm(epsilon=1e-5)(x), self.simnorm_dim)
+        return x
+
+
+class Networks:
+    """The TD-MPC2 networks as pure functions of explicit parameters.
+
+    World-model params: {"encoder", "dynamics", "reward", "qs"} (Q heads stacked on a leading axis); the policy has
+    its own params and optimiser."""
+
+    def __init__(self, args: Args, obs_dim: int, action_dim: int):
+        self.args, self.obs_dim, self.action_dim = args, obs_dim, action_dim
+        hidden = (args.mlp_dim, args.mlp_dim)
+        enc_hidden = (args.enc_dim,) * max(args.num_enc_layers - 1, 1)
+        self.encoder = MLP(enc_hidden, args.latent_dim, simnorm_dim=args.simnorm_dim)
+        self.dynamics = MLP(hidden, args.latent_dim, simnorm_dim=args.simnorm_dim)
+        self.reward_head = MLP(hidden, args.num_bins, zero_output=True)
+        self.q_head = MLP(hidden, args.num_bins, dropout=args.dropout, zero_output=True)
+        self.policy = MLP(hidden, 2 * action_dim)
+
+    def init(self, key):
+        k_enc, k_dyn, k_rew, k_q, k_pi = jax.random.split(key, 5)
+        obs = jnp.zeros((1, self.obs_dim))
+        z = jnp.zeros((1, self.args.latent_dim))
+        za = jnp.zeros((1, self.args.latent_dim + self.action_dim))
+        wm_params = {
+            "encoder": self.encoder.init(k_enc, obs)["params"],
+            "dynamics": self.dynamics.init(k_dyn, za)["params"],
+            "reward": self.reward_head.init(k_rew, za)["params"],
+            "qs": jax.vmap(lambda k: self.q_head.init(k, za)["params"])(jax.random.split(k_q, self.args.num_q)),
+        }
+        return wm_params, self.policy.init(k_pi, z)["params"]
+
+    def encode(self, wm_params, obs):
+        return self.encoder.apply({"params": wm_params["encoder"]}, obs)
+
+    def next(self, wm_params, z, action):
+        return self.dynamics.apply({"params": wm_params["dynamics"]}, jnp.concatenate([z, action], -1))
+
+    def reward(self, wm_params, z, action):
+        return self.reward_head.apply({"params": wm_params["reward"]}, jnp.concatenate([z, action], -1))
+
+    def q_logits(self, q_params, z, action, dropout_key=None):
+        """Logits of every head in `q_params`: (heads, ..., num_bins). Dropout only when a key is given."""
+        za = jnp.concatenate([z, action], -1)
+        if dropout_key is None:
+            return jax.vmap(lambda p: self.q_head.apply({"params": p}, za))(q_params)
+        num_heads = jax.tree.leaves(q_params)[0].shape[0]
+        apply = lambda p, k: self.q_head.apply({"params": p}, za, train=True, rngs={"dropout": k})
+        return jax.vmap(apply)(q_params, jax.random.split(dropout_key, num_heads))
+
+    def q_two_random(self, q_params, z, action, key, dropout_key=None):
+        """Values of two distinct, randomly chosen Q heads (the official 'min' and 'avg' use these)."""
+        heads = jax.random.choice(key, self.args.num_q, (2,), replace=False)
+        pair = jax.tree.map(lambda p: p[heads], q_params)
+        q = two_hot_inv(self.q_logits(pair, z, action, dropout_key), self.args.num_bins, self.args.vmin, self.args.vmax)
+        return q[0], q[1]
+
+    def pi(self, pi_params, z, key):
+        """Policy prior: returns (tanh(mu), a sample tanh(mu + eps*std), its log-probability)."""
+        mu, raw_log_std = jnp.split(self.policy.apply({"params": pi_params}, z), 2, axis=-1)
+        a = self.args
+        log_std = a.log_std_min + 0.5 * (a.log_std_max - a.log_std_min) * (jnp.tanh(raw_log_std) + 1)
+        eps = jax.random.normal(key, mu.shape)
+        action = jnp.tanh(mu + eps * jnp.exp(log_std))
+        return jnp.tanh(mu), action, squashed_gaussian_log_prob(eps, log_std, action)
+
+
+@struct.dataclass
+class AgentState:
+    wm_params: dict
+    target_qs: dict
+    pi_params: dict
+    wm_opt_state: optax.OptState
+    pi_opt_state: optax.OptState
+    scale: jax.Array
+    """RunningScale of the Q-values in the policy loss"""
+
+
+def make_optimizers(args: Args, wm_params: dict):
+    """Adam with the encoder at lr*enc_lr_scale, after one global-norm clip over the world model; policy separate."""
+    labels = {name: jax.tree.map(lambda _, n=name: "encoder" if n == "encoder" else "rest", params)
+              for name, params in wm_params.items()}
+    wm_tx = optax.chain(
+        optax.clip_by_global_norm(args.grad_clip_norm),
+        optax.multi_transform(
+            {"encoder": optax.adam(args.lr * args.enc_lr_scale, eps=1e-8), "rest": optax.adam(args.lr, eps=1e-8)},
+            labels,
+        ),
+    )
+    pi_tx = optax.chain(optax.clip_by_global_norm(args.grad_clip_norm), optax.adam(args.lr, eps=1e-5))
+    return wm_tx, pi_tx
+
+
+def init_agent(nets: Networks, wm_tx, pi_tx, key) -> AgentState:
+    wm_params, pi_params = nets.init(key)
+    return AgentState(
+        wm_params=wm_params,
+        target_qs=jax.tree.map(jnp.copy, wm_params["qs"]),
+        pi_params=pi_params,
+        wm_opt_state=wm_tx.init(wm_params),
+        pi_opt_state=pi_tx.init(pi_params),
+        scale=jnp.ones(()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------------------
+def td_targets(nets: Networks, agent: AgentState, next_z, reward, terminated, discount: float, key):
+    """y = r + gamma * min of two random target heads at (z', a' ~ pi(z')); z' from the online encoder."""
+    k_pi, k_heads = jax.random.split(key)
+    _, next_action, _ = nets.pi(agent.pi_params, next_z, k_pi)
+    q1, q2 = nets.q_two_random(agent.target_qs, next_z, next_action, k_heads)
+    return reward + discount * (1.0 - terminated) * jnp.minimum(q1, q2)
+
+
+def world_model_loss(nets: Networks, wm_params, obs, action, reward, td_target, next_z, dropout_key):
+    """Consistency + reward + value losses over the H-step latent rollout, step t weighted rho^t."""
+    a = nets.args
+    horizon = action.shape[0]
+    rho = a.rho ** jnp.arange(horizon)
+
+    def rollout(z, act):
+        z = nets.next(wm_params, z, act)
+        return z, z
+
+    z0 = nets.encode(wm_params, obs[0])
+    _, z_pred = jax.lax.scan(rollout, z0, action)  # (H, B, latent)
+    zs = jnp.concatenate([z0[None], z_pred])  # (H+1, B, latent)
+
+    consistency = jnp.sum(rho * jnp.mean((z_pred - next_z) ** 2, axis=(1, 2))) / horizon
+    ce = partial(soft_cross_entropy, num_bins=a.num_bins, vmin=a.vmin, vmax=a.vmax)
+    reward_ce = ce(nets.reward(wm_params, zs[:-1], action), reward)  # (H, B)
+    reward_loss = jnp.sum(rho * reward_ce.mean(axis=1)) / horizon
+    q_ce = ce(nets.q_logits(wm_params["qs"], zs[:-1], action, dropout_key), td_target[None])  # (num_q, H, B)
+    value_loss = jnp.sum(rho * q_ce.mean(axis=2).sum(axis=0)) / (horizon * a.num_q)
+    total = a.consistency_coef * consistency + a.reward_coef * reward_loss + a.value_coef * value_loss
+    info = {"consistency_loss": consistency, "reward_loss": reward_loss, "value_loss": value_loss}
+    if a.se_coef > 0 or a.ib_coef > 0:  # a Python-level switch: with both off the traced graph is TD-MPC2's
+        regulariser, module_info = module_regularisers(a, zs)
+        total, info = total + regulariser, {**info, **module_info}
+    return total, (zs, info)
+
+
+def module_regularisers(args: Args, zs):
+    """ib_coef * IB + se_coef * SE on the rollout latents zs (H+1, B, latent), gradients into encoder and dynamics.
+    IB averages over all H+1 steps; SE's flow goes from steps 0..H-1 (source) to 1..H (target), N = H*B rows.
+    Only terms with a positive coefficient are traced; their unweighted values are logged as losses/ib, losses/se."""
+    loss, info = 0.0, {}
+    if args.ib_coef > 0:
+        info["ib"] = ib_loss(zs, args.simnorm_dim)
+        loss = loss + args.ib_coef * info["ib"]
+    if args.se_coef > 0:
+        assignment = module_assignment(zs, args.simnorm_dim)
+        source = assignment[:-1].reshape(-1, args.simnorm_dim)
+        target = assignment[1:].reshape(-1, args.simnorm_dim)
+        if args.se_2d:
+            info["se"] = se_loss_2d(source, target, args.num_super_modules)
+        else:
+            info["se"] = se_loss_1d(source, target)
+        loss = loss + args.se_coef * info["se"]
+    return loss, info
+
+
+def policy_loss(nets: Networks, pi_params, wm_params, zs, scale, key):
+    """mean_t rho^t * mean_B(entropy_coef * log_pi - Q/S), Q = mean of two random online heads (with dropout)."""
+    a = nets.args
+    k_pi, k_heads, k_dropout = jax.random.split(key, 3)
+    _, action, log_prob = nets.pi(pi_params, zs, k_pi)
+    q1, q2 = nets.q_two_random(wm_params["qs"], zs, action, k_heads, k_dropout)
+    q = 0.5 * (q1 + q2)  # (H+1, B)
+    scale = running_scale_update(scale, jax.lax.stop_gradient(q[0]), a.tau)
+    rho = a.rho ** jnp.arange(zs.shape[0])
+    loss = jnp.mean(rho * jnp.mean(a.entropy_coef * log_prob - q / scale, axis=1))
+    return loss, (scale, {"pi_loss": loss, "pi_log_prob": log_prob.mean(), "pi_scale": scale})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Planner: MPPI over latent rollouts with policy-prior proposals
+# ---------------------------------------------------------------------------------------------------------------------
+def estimate_value(nets: Networks, agent: AgentState, z, actions, discount: float, key):
+    """G = sum_t gamma^t r_t + gamma^H * mean of two random Q heads at (z_H, pi(z_H)).
+    z: (N, latent), actions: (H, N, A)."""
+    a = nets.args
+
+    def step(carry, act):
+        z, value, disc = carry
+        r = two_hot_inv(nets.reward(agent.wm_params, z, act), a.num_bins, a.vmin, a.vmax)
+        return (nets.next(agent.wm_params, z, act), value + disc * r, disc * discount), None
+
+    (z, value, disc), _ = jax.lax.scan(step, (z, jnp.zeros(z.shape[0]), jnp.ones(())), actions)
+    k_pi, k_heads = jax.random.split(key)
+    _, action, _ = nets.pi(agent.pi_params, z, k_pi)
+    q1, q2 = nets.q_two_random(agent.wm_params["qs"], z, action, k_heads)
+    return value + disc * 0.5 * (q1 + q2)
+
+
+def plan(nets: Networks, agent: AgentState, z, prev_mean, is_first, key, discount: float, eval_mode: bool):
+    """MPPI for one latent state z (latent,). Returns (action, mean plan to warm-start the next step)."""
+    a = nets.args
+    horizon, action_dim = a.horizon, nets.action_dim
+    k_pi, k_iters, k_select, k_noise = jax.random.split(key, 4)
+
+    def pi_rollout(z, k):
+        _, act, _ = nets.pi(agent.pi_params, z, k)
+        return nets.next(agent.wm_params, z, act), act
+
+    z_pi = jnp.broadcast_to(z, (a.num_pi_trajs, z.shape[-1]))
+    _, pi_actions = jax.lax.scan(pi_rollout, z_pi, jax.random.split(k_pi, horizon))  # (H, num_pi, A)
+
+    z_all = jnp.broadcast_to(z, (a.num_samples, z.shape[-1]))
+    shifted = jnp.concatenate([prev_mean[1:], jnp.zeros((1, action_dim))])
+    mean = jnp.where(is_first, jnp.zeros_like(prev_mean), shifted)
+    std = jnp.full((horizon, action_dim), a.max_std)
+
+    def iteration(carry, k):
+        mean, std = carry
+        k_sample, k_value = jax.random.split(k)
+        noise = jax.random.normal(k_sample, (horizon, a.num_samples - a.num_pi_trajs, action_dim))
+        sampled = jnp.clip(mean[:, None] + std[:, None] * noise, -1, 1)
+        actions = jnp.concatenate([pi_actions, sampled], axis=1)  # (H, num_samples, A)
+        value = jnp.nan_to_num(estimate_value(nets, agent, z_all, actions, discount, k_value), nan=0.0)
+        elite_value, elite_idx = jax.lax.top_k(value, a.num_elites)
+        elite_actions = actions[:, elite_idx]  # (H, num_elites, A)
+        score = jax.nn.softmax(a.temperature * (elite_value - elite_value.max()))
+        weights = score[None, :, None]
+        mean = jnp.sum(weights * elite_actions, axis=1) / (score.sum() + 1e-9)
+        var = jnp.sum(weights * (elite_actions - mean[:, None]) ** 2, axis=1) / (score.sum() + 1e-9)
+        std = jnp.clip(jnp.sqrt(var), a.min_std, a.max_std)
+        return (mean, std), (elite_value, elite_actions)
+
+    (mean, std), (elite_values, elite_actions) = jax.lax.scan(
+        iteration, (mean, std), jax.random.split(k_iters, a.iterations)
+    )
+    # Pick one elite sequence of the last iteration with probability equal to its score.
+    chosen = jax.random.categorical(k_select, a.temperature * (elite_values[-1] - elite_values[-1].max()))
+    action = elite_actions[-1][0, chosen]
+    if not eval_mode:
+        action = action + std[0] * jax.random.normal(k_noise, (action_dim,))
+    return jnp.clip(action, -1, 1), mean
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Replay buffer on device: (rows, num_envs) ring; sequences of H+1 observations never cross an episode boundary
+# ---------------------------------------------------------------------------------------------------------------------
+@struct.dataclass
+class ReplayBuffer:
+    obs: jax.Array  # (rows, E, obs_dim) observation before the action
+    next_obs: jax.Array  # (rows, E, obs_dim) observation after it (the final one at an episode's end)
+    action: jax.Array  # (rows, E, A)
+    reward: jax.Array  # (rows, E)
+    terminated: jax.Array  # (rows, E) 1 where the env terminated (no bootstrap); 0 on time-limit truncation
+    episode_step: jax.Array  # (rows, E) agent step of the transition within its episode
+    ptr: jax.Array  # next row to write
+    size: jax.Array  # rows written so far (<= rows)
+
+
+def buffer_init(rows: int, num_envs: int, obs_dim: int, action_dim: int) -> ReplayBuffer:
+    zeros = lambda *shape: jnp.zeros((rows, num_envs, *shape))
+    return ReplayBuffer(
+        obs=zeros(obs_dim), next_obs=zeros(obs_dim), action=zeros(action_dim), reward=zeros(), terminated=zeros(),
+        episode_step=jnp.zeros((rows, num_envs), jnp.int32),
+        ptr=jnp.zeros((), jnp.int32),
+        size=jnp.zeros((), jnp.int32),
+    )
+
+
+def buffer_add(buf: ReplayBuffer, obs, action, reward, next_obs, terminated, episode_step) -> ReplayBuffer:
+    i = buf.ptr
+    rows = buf.obs.shape[0]
+    return buf.replace(
+        obs=buf.obs.at[i].set(obs), next_obs=buf.next_obs.at[i].set(next_obs), action=buf.action.at[i].set(action),
+        reward=buf.reward.at[i].set(reward), terminated=buf.terminated.at[i].set(terminated),
+        episode_step=buf.episode_step.at[i].set(episode_step), ptr=(i + 1) % rows, size=jnp.minimum(buf.size + 1, rows),
+    )
+
+
+def valid_starts(buf: ReplayBuffer, horizon: int) -> jax.Array:
+    """(rows, E) mask of rows that start H transitions of one episode, written in order (not across the ring head)."""
+    rows = buf.obs.shape[0]
+    start = jnp.arange(rows)
+    end = (start + horizon - 1) % rows
+    since_head = (buf.ptr - start) % rows  # 1..H-1: the sequence would run from the newest row into the oldest
+    in_order = (start < buf.size) & (end < buf.size) & ((since_head == 0) | (since_head >= horizon))
+    same_episode = buf.episode_step[end] == buf.episode_step + (horizon - 1)
+    return in_order[:, None] & same_episode
+
+
+def buffer_sample(buf: ReplayBuffer, valid_cumsum, key, batch_size: int, horizon: int):
+    """Uniform over valid starts: obs (H+1, B, obs_dim), action (H, B, A), reward and terminated (H, B)."""
+    num_envs = buf.obs.shape[1]
+    u = jax.random.randint(key, (batch_size,), 0, valid_cumsum[-1])
+    flat = jnp.searchsorted(valid_cumsum, u, side="right")
+    start, env = flat // num_envs, flat % num_envs
+    rows = (start[None] + jnp.arange(horizon)[:, None]) % buf.obs.shape[0]  # (H, B)
+    obs = jnp.concatenate([buf.obs[start, env][None], buf.next_obs[rows, env]])
+    return obs, buf.action[rows, env], buf.reward[rows, env], buf.terminated[rows, env]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Update: TD targets -> world-model step -> policy step -> Polyak average of the target Qs
+# ---------------------------------------------------------------------------------------------------------------------
+def update(nets: Networks, wm_tx, pi_tx, discount: float, agent: AgentState, batch, key):
+    obs, action, reward, terminated = batch
+    k_target, k_dropout, k_pi = jax.random.split(key, 3)
+    next_z = nets.encode(agent.wm_params, obs[1:])
+    td_target = td_targets(nets, agent, next_z, reward, terminated, discount, k_target)
+
+    wm_grad_fn = jax.value_and_grad(partial(world_model_loss, nets), has_aux=True)
+    (wm_loss, (zs, info)), wm_grads = wm_grad_fn(agent.wm_params, obs, action, reward, td_target, next_z, k_dropout)
+    updates, wm_opt_state = wm_tx.update(wm_grads, agent.wm_opt_state, agent.wm_params)
+    wm_params = optax.apply_updates(agent.wm_params, updates)
+
+    pi_grad_fn = jax.value_and_grad(partial(policy_loss, nets), has_aux=True)
+    zs = jax.lax.stop_gradient(zs)
+    (_, (scale, pi_info)), pi_grads = pi_grad_fn(agent.pi_params, wm_params, zs, agent.scale, k_pi)
+    updates, pi_opt_state = pi_tx.update(pi_grads, agent.pi_opt_state, agent.pi_params)
+    pi_params = optax.apply_updates(agent.pi_params, updates)
+
+    agent = AgentState(
+        wm_params=wm_params,
+        target_qs=optax.incremental_update(wm_params["qs"], agent.target_qs, nets.args.tau),
+        pi_params=pi_params,
+        wm_opt_state=wm_opt_state,
+        pi_opt_state=pi_opt_state,
+        scale=scale,
+    )
+    info = {**info, **pi_info, "total_loss": wm_loss, "grad_norm": optax.global_norm(wm_grads)}
+    return agent, info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: collect one vector step -> store -> K updates, scanned into jitted chunks
+# ---------------------------------------------------------------------------------------------------------------------
+@struct.dataclass
+class TrainCarry:
+    agent: AgentState
+    buffer: ReplayBuffer
+    env_state: object
+    episode_step: jax.Array  # (E,) agent steps into the current episode
+    episode_return: jax.Array  # (E,)
+    plan_mean: jax.Array  # (E, H, A) MPPI warm start
+    vector_step: jax.Array  # vector steps taken so far
+    key: jax.Array
+
+
+class Trainer:
+    """The jitted pieces of the training loop for one env and one set of Args.
+
+    Seeding, the pretraining burst and regular training are phases of one program (chosen by the vector-step
+    counter inside jit), so the env step, the planner and the update are each compiled once."""
+
+    def __init__(self, args: Args, venv: VectorEnv, discount: float, seed_vector_steps: int):
+        self.args, self.venv, self.discount = args, venv, discount
+        self.seed_vector_steps = seed_vector_steps
+        self.nets = Networks(args, venv.obs_dim, venv.action_dim)
+        self.wm_tx, self.pi_tx = make_optimizers(args, jax.eval_shape(self.nets.init, jax.random.key(0))[0])
+        self.update = partial(update, self.nets, self.wm_tx, self.pi_tx, discount)
+
+    def init(self, key) -> TrainCarry:
+        a, venv = self.args, self.venv
+        k_agent, k_env, k_carry = jax.random.split(key, 3)
+        return TrainCarry(
+            agent=init_agent(self.nets, self.wm_tx, self.pi_tx, k_agent),
+            buffer=buffer_init(a.buffer_size // a.num_envs, a.num_envs, venv.obs_dim, venv.action_dim),
+            env_state=venv.reset(k_env, a.num_envs),
+            episode_step=jnp.zeros(a.num_envs, jnp.int32),
+            episode_return=jnp.zeros(a.num_envs),
+            plan_mean=jnp.zeros((a.num_envs, a.horizon, venv.action_dim)),
+            vector_step=jnp.zeros((), jnp.int32),
+            key=k_carry,
+        )
+
+    def act(self, agent: AgentState, obs, plan_mean, is_first, key, mode: str, eval_mode: bool = False):
+        """Actions for a batch of observations with 'pi' (train: sample + noise; eval: mean) or 'mppi'."""
+        z = self.nets.encode(agent.wm_params, obs)
+        if mode == "pi":
+            k_pi, k_noise = jax.random.split(key)
+            mean_action, sample, _ = self.nets.pi(agent.pi_params, z, k_pi)
+            if eval_mode:
+                return mean_action, plan_mean
+            noise = self.args.collect_noise * jax.random.normal(k_noise, sample.shape)
+            return jnp.clip(sample + noise, -1, 1), plan_mean
+        plan_fn = partial(plan, self.nets, agent, discount=self.discount, eval_mode=eval_mode)
+        return jax.vmap(plan_fn)(z, plan_mean, is_first, jax.random.split(key, obs.shape[0]))
+
+    def run_updates(self, agent: AgentState, buffer: ReplayBuffer, key, num_updates):
+        """`num_updates` (may be traced) gradient updates on buffer batches; returns the mean of each logged value."""
+        valid_cumsum = jnp.cumsum(valid_starts(buffer, self.args.horizon).reshape(-1))
+        sample = partial(buffer_sample, buffer, valid_cumsum,
+                         batch_size=self.args.batch_size, horizon=self.args.horizon)
+
+        def one_update(i, carry):
+            agent, info_sum = carry
+            k_sample, k_update = jax.random.split(jax.random.fold_in(key, i))
+            agent, info = self.update(agent, sample(k_sample), k_update)
+            return agent, jax.tree.map(jnp.add, info_sum, info)
+
+        info_shapes = jax.eval_shape(lambda k: self.update(agent, sample(k), k)[1], key)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), info_shapes)
+        agent, info_sum = jax.lax.fori_loop(0, num_updates, one_update, (agent, zeros))
+        return agent, jax.tree.map(lambda x: x / jnp.maximum(num_updates, 1), info_sum)
+
+    def vector_step(self, carry: TrainCarry, _):
+        """One agent step in every env (random while seeding), stored in the buffer, then the phase's updates:
+        none while seeding, the pretraining burst after the last seed step, k_update afterwards."""
+        a, venv = self.args, self.venv
+        key, k_act, k_reset, k_update = jax.random.split(carry.key, 4)
+        obs = observation(carry.env_state)
+        seeding = carry.vector_step < self.seed_vector_steps
+        random_action = lambda: (jax.random.uniform(k_act, (a.num_envs, venv.action_dim), minval=-1, maxval=1),
+                                 carry.plan_mean)
+        policy_action = lambda: self.act(carry.agent, obs, carry.plan_mean, carry.episode_step == 0, k_act,
+                                         a.collect_policy)
+        action, plan_mean = jax.lax.cond(seeding, random_action, policy_action)
+        env_state, reward, terminated = venv.step(carry.env_state, action)
+        next_obs = jnp.nan_to_num(observation(env_state))  # a diverged simulation must not poison the buffer
+        buffer = buffer_add(carry.buffer, obs, action, reward, next_obs, terminated, carry.episode_step)
+
+        episode_return = carry.episode_return + reward
+        finished = terminated | (carry.episode_step + 1 >= venv.max_agent_steps)
+        stats = {"returns_sum": jnp.sum(jnp.where(finished, episode_return, 0.0)), "episodes": finished.sum()}
+        num_updates = jnp.where(seeding, 0, a.k_update)
+        num_updates = jnp.where(carry.vector_step == self.seed_vector_steps - 1, a.pretrain_updates, num_updates)
+        agent, info = self.run_updates(carry.agent, buffer, k_update, num_updates)
+        carry = TrainCarry(
+            agent=agent,
+            buffer=buffer,
+            env_state=venv.reset_where(env_state, finished, k_reset),
+            episode_step=jnp.where(finished, 0, carry.episode_step + 1),
+            episode_return=jnp.where(finished, 0.0, episode_return),
+            plan_mean=plan_mean,
+            vector_step=carry.vector_step + 1,
+            key=key,
+        )
+        return carry, (stats, info)
+
+    def chunk(self, carry: TrainCarry, num_vector_steps: int):
+        """Scan of `num_vector_steps` vector steps; per-step stats and loss means come back stacked."""
+        return jax.lax.scan(self.vector_step, carry, None, length=num_vector_steps)
+
+    def evaluate(self, agent: AgentState, key):
+        """Mean undiscounted return of `eval_episodes` full episodes with the policy mean and with MPPI (no noise);
+        both sets of episodes step together as one batch of envs."""
+        venv, num = self.venv, self.args.eval_episodes
+        k_reset, k_steps = jax.random.split(key)
+
+        def step(carry, k):
+            env_state, plan_mean, alive, total, t = carry
+            k_pi, k_mppi = jax.random.split(k)
+            obs = observation(env_state)
+            action_pi, _ = self.act(agent, obs[:num], None, None, k_pi, "pi", eval_mode=True)
+            action_mppi, plan_mean = self.act(agent, obs[num:], plan_mean, jnp.full(num, t == 0), k_mppi, "mppi",
+                                              eval_mode=True)
+            env_state, reward, done = venv.step(env_state, jnp.concatenate([action_pi, action_mppi]))
+            return (env_state, plan_mean, alive & ~done, total + reward * alive, t + 1), None
+
+        init = (venv.reset(k_reset, 2 * num), jnp.zeros((num, self.args.horizon, venv.action_dim)),
+                jnp.ones(2 * num, bool), jnp.zeros(2 * num), jnp.zeros((), jnp.int32))
+        (_, _, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(k_steps, venv.max_agent_steps))
+        return total[:num].mean(), total[num:].mean()
+
+    def module_entropy(self, agent: AgentState, buffer: ReplayBuffer, key):
+        """usage_entropy of the encoder latents of batch_size*(H+1) observations (as many as one update's rollout)
+        drawn uniformly from the filled replay rows: how evenly the agent's states spread over the modules."""
+        num = self.args.batch_size * (self.args.horizon + 1)
+        k_row, k_env = jax.random.split(key)
+        rows = jax.random.randint(k_row, (num,), 0, buffer.size)
+        envs = jax.random.randint(k_env, (num,), 0, buffer.obs.shape[1])
+        return usage_entropy(self.nets.encode(agent.wm_params, buffer.obs[rows, envs]), self.args.simnorm_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run folder, checkpoints and checks on the command line
+# ---------------------------------------------------------------------------------------------------------------------
+def resolve_args(args: Args) -> Args:
+    """Fill the model dims from --model-size and refuse impossible settings, before anything is compiled."""
+    if args.model_size not in MODEL_SIZES:
+        raise UserError(f"--model-size must be one of {sorted(MODEL_SIZES)}, got {args.model_size}")
+    enc, mlp, latent, layers, num_q = MODEL_SIZES[args.model_size]
+    fill = lambda value, default: default if value is None else value
+    args = dataclasses.replace(
+        args,
+        enc_dim=fill(args.enc_dim, enc),
+        mlp_dim=fill(args.mlp_dim, mlp),
+        latent_dim=fill(args.latent_dim, latent),
+        num_enc_layers=fill(args.num_enc_layers, layers),
+        num_q=fill(args.num_q, num_q),
+    )
+    positive = ["total_steps", "num_envs", "k_update", "action_repeat", "eval_freq", "eval_episodes", "log_freq",
+                "buffer_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "simnorm_dim", "batch_size",
+                "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std", "min_std",
+                "num_super_modules"]
+    optional_positive = ["episode_length", "seed_steps", "iterations", "checkpoint_every", "discount"]
+    for name in positive + [n for n in optional_positive if getattr(args, n) is not None]:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["pretrain_updates", "num_pi_trajs", "collect_noise", "entropy_coef", "dropout", "se_coef", "ib_coef"]:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    checks = [
+        (args.num_q >= 2, f"--num-q must be at least 2 (targets use two random heads), got {args.num_q}"),
+        (args.num_bins >= 2, f"--num-bins must be at least 2, got {args.num_bins}"),
+        (args.vmin < args.vmax, f"--vmin ({args.vmin}) must be below --vmax ({args.vmax})"),
+        (args.latent_dim % args.simnorm_dim == 0,
+         f"--latent-dim ({args.latent_dim}) must be a multiple of --simnorm-dim ({args.simnorm_dim})"),
+        (args.num_elites <= args.num_samples,
+         f"--num-elites ({args.num_elites}) must not exceed --num-samples ({args.num_samples})"),
+        (args.num_pi_trajs < args.num_samples,
+         f"--num-pi-trajs ({args.num_pi_trajs}) must be below --num-samples ({args.num_samples})"),
+        (args.min_std <= args.max_std, f"--min-std ({args.min_std}) must not exceed --max-std ({args.max_std})"),
+        (args.log_std_min < args.log_std_max, "--log-std-min must be below --log-std-max"),
+        (args.batch_size <= args.buffer_size,
+         f"--batch-size ({args.batch_size}) is larger than the buffer can hold (--buffer-size {args.buffer_size})"),
+        (args.buffer_size // args.num_envs > args.horizon,
+         f"--buffer-size ({args.buffer_size}) holds fewer than horizon+1 steps per env with {args.num_envs} envs"),
+        (args.discount is None or args.discount < 1, f"--discount must be below 1, got {args.discount}"),
+        (not args.se_2d or args.se_coef > 0, "--se-2d needs a positive --se-coef (it chooses which SE loss is used)"),
+        (not args.se_2d or args.simnorm_dim % args.num_super_modules == 0,
+         f"--num-super-modules ({args.num_super_modules}) must divide --simnorm-dim ({args.simnorm_dim})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return args
+
+
+def prepare_run_dir(args: Args) -> Path:
+    run_dir = Path(args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run folder {run_dir} is not writable: {e.strerror}") from None
+    return run_dir
+
+
+def atomic_write(path: Path, data: bytes):
+    """Write to a temp file in the same folder, then rename: a killed run never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_metadata() -> dict:
+    versions = {}
+    for package in ["jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground", "tyro", "numpy"]:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        cwd = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        git_commit = commit.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git_commit = None
+    return {"versions": versions, "git_commit": git_commit, "command": " ".join(sys.argv)}
+
+
+def save_checkpoint(run_dir: Path, agent: AgentState, step: int):
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    state = {"agent": jax.device_get(agent), "step": step}
+    atomic_write(ckpt_dir / f"step_{step}.msgpack", serialization.to_bytes(state))
+
+
+class EvalLog:
+    """eval.csv, appended and flushed row by row."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.file = open(path, "w")
+        self.file.write(",".join(columns) + "\n")
+        self.file.flush()
+
+    def write(self, *values):
+        self.file.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+
+def first_nonfinite(info: dict) -> Optional[tuple[str, int]]:
+    """(loss name, index of the first vector step) where a logged loss stopped being finite, else None."""
+    for name, values in info.items():
+        bad = np.flatnonzero(~np.isfinite(np.asarray(values)))
+        if bad.size:
+            return name, int(bad[0])
+    return None
+
+
+def format_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train(args: Args) -> Path:
+    from tensorboardX import SummaryWriter
+
+    args = resolve_args(args)
+    impl = args.impl or default_impl()
+    venv = VectorEnv(load_env(args.env_id, impl, args.episode_length), args.action_repeat)
+    env_steps_per_vector_step = args.num_envs * args.action_repeat
+    if args.iterations is None:
+        args = dataclasses.replace(args, iterations=6 + 2 * (venv.action_dim >= 20))
+    if args.seed_steps is None:
+        args = dataclasses.replace(args, seed_steps=max(1000, 5 * venv.max_agent_steps) * args.action_repeat)
+    seed_vector_steps = math.ceil(args.seed_steps / env_steps_per_vector_step)
+    if seed_vector_steps < args.horizon:
+        raise UserError(
+            f"--seed-steps ({args.seed_steps}) must cover at least horizon={args.horizon} vector steps "
+            f"({args.horizon * env_steps_per_vector_step} env steps) so that the first batch has whole sequences"
+        )
+    if args.pretrain_updates is None:
+        args = dataclasses.replace(args, pretrain_updates=seed_vector_steps * args.k_update)
+    discount = args.discount if args.discount is not None else discount_heuristic(venv.max_agent_steps)
+    run_dir = prepare_run_dir(args)
+
+    record = {**dataclasses.asdict(args), "impl_resolved": impl, "discount_resolved": discount, **run_metadata()}
+    atomic_write(run_dir / "args.json", json.dumps(record, indent=2).encode())
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    eval_log = EvalLog(run_dir / "eval.csv", ["step", "wall_time", "return_pi", "return_mppi"])
+
+    trainer = Trainer(args, venv, discount, seed_vector_steps)
+    key, k_init = jax.random.split(jax.random.key(args.seed))
+    carry = jax.jit(trainer.init)(k_init)  # jitted: its outputs match the chunk's, so nothing compiles twice
+    chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
+    train_chunk = jax.jit(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), donate_argnums=0)
+    evaluate = jax.jit(trainer.evaluate)
+    module_entropy = jax.jit(trainer.module_entropy)
+    print(
+        f"{args.env_id} ({impl}): obs {venv.obs_dim}, action {venv.action_dim}, discount {discount:.4f}; "
+        f"{env_steps_per_vector_step} env steps per vector step, {args.k_update} updates each; "
+        f"{seed_vector_steps * env_steps_per_vector_step} seed steps, then {args.pretrain_updates} updates; "
+        f"run folder {run_dir}",
+        flush=True,
+    )
+
+    start_time = time.time()
+    step, next_eval, next_checkpoint = 0, 0, args.checkpoint_every
+    timed_steps, timed_seconds = 0, 0.0  # SPS counts only chunks after the first (compiling) one
+    while True:
+        if step >= next_eval or step >= args.total_steps:
+            key, k_eval = jax.random.split(key)
+            return_pi, return_mppi = map(float, evaluate(carry.agent, k_eval))
+            returns = {"pi": return_pi, "mppi": return_mppi}
+            eval_log.write(step, round(time.time() - start_time, 2), returns["pi"], returns["mppi"])
+            for mode, value in returns.items():
+                writer.add_scalar(f"eval/return_{mode}", value, step)
+            if step > 0:  # the buffer is empty before the first chunk; the key is folded off the main sequence
+                entropy = module_entropy(carry.agent, carry.buffer, jax.random.fold_in(k_eval, 1))
+                writer.add_scalar("se/module_entropy", float(entropy), step)
+            while next_eval <= step:
+                next_eval += args.eval_freq
+        if step >= args.total_steps:
+            break
+        tick = time.time()
+        carry, (stats, info) = train_chunk(carry)
+        stats, info = jax.device_get((stats, info))  # waits for the chunk
+        chunk_start, step = step, step + chunk_vector_steps * env_steps_per_vector_step
+        if (bad := first_nonfinite(info)) is not None:
+            name, index = bad
+            raise UserError(
+                f"non-finite losses/{name} at env step {chunk_start + (index + 1) * env_steps_per_vector_step}; "
+                "stopping (checkpoints written so far are intact)"
+            )
+        if chunk_start > 0:
+            timed_steps += step - chunk_start
+            timed_seconds += time.time() - tick
+        sps = timed_steps / timed_seconds if timed_seconds else float("nan")
+        if episodes := int(stats["episodes"].sum()):
+            writer.add_scalar("charts/episodic_return", float(stats["returns_sum"].sum()) / episodes, step)
+        training = np.arange(chunk_start, step, env_steps_per_vector_step) >= args.seed_steps
+        for name, values in info.items():
+            if training.any():
+                writer.add_scalar(f"losses/{name}", float(np.mean(values[training])), step)
+        if timed_seconds:
+            writer.add_scalar("charts/SPS", sps, step)
+        if next_checkpoint is not None and step >= next_checkpoint:
+            save_checkpoint(run_dir, carry.agent, step)
+            next_checkpoint += args.checkpoint_every
+        eta = format_time((args.total_steps - step) / sps) if sps > 0 else "?"
+        print(f"step {step:,}/{args.total_steps:,} | SPS {sps:,.0f} | ETA {eta} | "
+              f"last eval: pi {returns['pi']:.1f}, mppi {returns['mppi']:.1f}", flush=True)
+    if args.save_model:
+        save_checkpoint(run_dir, carry.agent, step)
+    writer.close()
+    print(f"done: {step:,} env steps in {format_time(time.time() - start_time)}; results in {run_dir}", flush=True)
+    return run_dir
+
+
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        train(tyro.cli(Args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

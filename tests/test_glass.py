@@ -1,0 +1,362 @@
+"""tdmpc_glass_jax.py: Glass math against hand-computed graphs, the schedule, parity with tdmpc2_jax.py (Glass off:
+the same run; Glass on with stopgrad: the same agent), the user's command, bad input and learning on CartpoleBalance.
+"""
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import (
+    LEARN_TDMPC2,
+    TINY_TDMPC2,
+    random_policy_return,
+    read_eval,
+    read_tb_scalars,
+    run_script,
+    unused_args_fields,
+)
+
+import tdmpc2_jax as T
+import tdmpc_glass_jax as G
+
+# Two triangles {0,1,2} and {3,4,5} joined by the edge 2-3, unit weights, no self-loops (REFERENCE.md §2).
+TRIANGLES = [(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (4, 5), (2, 3)]
+
+
+se2d = jax.jit(G.structural_entropy_2d)  # one compile per shape instead of op-by-op dispatch
+
+
+def graph(edges, n):
+    A = np.zeros((n, n))
+    for i, j in edges:
+        A[i, j] = A[j, i] = 1.0
+    return jnp.array(A)
+
+
+def hard(labels, k):
+    return jnp.array(np.eye(k)[labels])
+
+
+# --- 2D structural entropy ---
+def test_structural_entropy_worked_values():
+    A = graph(TRIANGLES, 6)
+    se = lambda S: float(se2d(A, S))
+    # Degrees 2,2,3,3,2,2, 2m = 14: H1 = -(4 (2/14) log2(2/14) + 2 (3/14) log2(3/14)) = 2.556657.
+    assert se(jnp.ones((6, 1))) == pytest.approx(2.556657, abs=1e-5)  # one cluster: H2 = H1
+    correct, wrong = se(hard([0, 0, 0, 1, 1, 1], 2)), se(hard([0, 0, 1, 0, 1, 1], 2))
+    assert correct == pytest.approx(1.699514, abs=1e-5)  # V = 7, 7; g = 1, 1
+    assert wrong == pytest.approx(2.270942, abs=1e-5)  # {0,1,3}|{2,4,5}: V = 7, 7; g = 5, 5
+    assert correct < wrong
+    assert se(jnp.full((6, 2), 0.5)) == pytest.approx(2.056657, abs=1e-5)
+
+
+def test_structural_entropy_two_disjoint_edges():
+    # Edges 0-1 and 2-3: d = 1 each, 2m = 4, H1 = 2 bits. Right split: no cut, p_vol = 1/2 -> 0 + 2 - 1 = 1 bit.
+    # Split {0,2}|{1,3}: every edge is cut, g = V = 2 -> -2 (1/2) log2(1/2) + 2 - 1 = 2 bits.
+    A = graph([(0, 1), (2, 3)], 4)
+    assert float(se2d(A, hard([0, 0, 1, 1], 2))) == pytest.approx(1.0, abs=1e-5)
+    assert float(se2d(A, hard([0, 1, 0, 1], 2))) == pytest.approx(2.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 8])
+def test_structural_entropy_uniform_partition(k):
+    # Uniform S: V_k = 2m/K, (S^T A S)_kk = 2m/K^2, so H2 = H1 - log2 K + (K-1)/K log2 K = H1 - log2(K)/K.
+    A = graph(TRIANGLES, 6)
+    h1 = float(se2d(A, jnp.ones((6, 1))))
+    got = float(se2d(A, jnp.full((6, k), 1.0 / k)))
+    assert got == pytest.approx(h1 - math.log2(k) / k, abs=1e-5)
+
+
+# --- assignment, graph, balance, diagnostics ---
+def test_soft_assign_cosine_hand_value():
+    prototypes = jnp.array([[1.0, 0.0], [0.0, 3.0]])
+    assign = jax.jit(G.soft_assign, static_argnums=2)
+    c = assign(jnp.array([[5.0, 0.0], [1.0, 1.0]]), prototypes, 0.5)
+    e2 = math.exp(2.0)  # cos = (1, 0) / 0.5 -> logits (2, 0); the second latent is equally close to both
+    np.testing.assert_allclose(c, [[e2 / (e2 + 1), 1 / (e2 + 1)], [0.5, 0.5]], rtol=1e-5)
+    z = jax.random.normal(jax.random.key(0), (50, 16))
+    c = assign(z, jax.random.normal(jax.random.key(1), (7, 16)), 0.7)
+    np.testing.assert_allclose(c.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_transition_graph_rows_and_symmetry():
+    # Hand value: both sources go to prototype 1 -> counts [[0, 1], [0, 1]] + 1e-4, rows normalised.
+    transition_graph = jax.jit(G.transition_graph)
+    P, A = transition_graph(jnp.eye(2), jnp.array([[0.0, 1.0], [0.0, 1.0]]))
+    row = np.array([1e-4, 1.0001]) / 1.0002
+    np.testing.assert_allclose(P, [row, row], rtol=1e-5)
+    np.testing.assert_allclose(A, [[row[0], 0.5], [0.5, row[1]]], rtol=1e-5)
+    k1, k2 = jax.random.split(jax.random.key(2))
+    c_src = jax.nn.softmax(jax.random.normal(k1, (40, 6)))
+    c_next = jax.nn.softmax(jax.random.normal(k2, (40, 6)))
+    P, A = transition_graph(c_src, c_next)
+    np.testing.assert_allclose(P.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(A, A.T, rtol=1e-6)  # up to rounding: XLA may fuse P's division differently in P^T
+
+
+def test_balance_hinge_zero_when_balanced_positive_when_collapsed():
+    balanced_S = hard(np.arange(16) % 8, 8)  # two prototypes per cluster: mass 1/8 < 2/8 everywhere
+    uniform_c = jnp.full((32, 16), 1 / 16)
+    assert float(G.balance_hinge(balanced_S, uniform_c)) == 0.0
+    # Everything on cluster 0 and prototype 0: (1 - 2/8)^2 + (1 - 2/16)^2.
+    collapsed_S, collapsed_c = hard(np.zeros(16, int), 8), hard(np.zeros(32, int), 16)
+    assert float(G.balance_hinge(collapsed_S, collapsed_c)) == pytest.approx(0.75**2 + 0.875**2)
+    assert float(G.balance_hinge(collapsed_S, uniform_c)) == pytest.approx(0.75**2)
+
+
+def test_glass_diagnostics_hand_made():
+    S = jnp.array([[0.98, 0.01, 0.01], [0.98, 0.01, 0.01], [0.01, 0.98, 0.01], [0.01, 0.98, 0.01]])
+    P = jnp.array([[0.7, 0.2, 0.1, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.3, 0.6, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    d = {k: float(v) for k, v in jax.jit(G.glass_diagnostics)(S, P).items()}
+    # Masses (0.495, 0.495, 0.01): the third is below 0.05/3. Labels (0, 0, 1, 1): cut = 0.1 + 0 + 0.3 + 0.5.
+    assert d["active_clusters"] == 2
+    assert d["cluster_entropy"] == pytest.approx(-2 * 0.495 * math.log(0.495) - 0.01 * math.log(0.01), rel=1e-5)
+    assert d["max_mass"] == pytest.approx(0.495, rel=1e-5)
+    assert d["cut_mass"] == pytest.approx(0.9, rel=1e-5)
+
+
+def test_cluster_label_nearest_prototype_then_partition():
+    prototypes = jnp.eye(3, 4)
+    S = jnp.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    z = jnp.array([[2.0, 0.1, 0.0, 0.0], [0.0, 0.0, 5.0, 1.0], [0.1, 3.0, 0.0, 0.0]])  # nearest: 0, 2, 1
+    np.testing.assert_array_equal(jax.jit(G.cluster_label)(z, prototypes, S), [0, 0, 1])
+
+
+def test_glass_loss_parts_hand_values():
+    # Sharp assignments: c and S are (nearly) one-hot, so s = c S is the identity on the sources and (1, 0) twice on
+    # the targets: temporal = mean(0, 2) = 1; temp-stability = mean(1 - 1, 1 - 0) = 1/2.
+    args = G.Args(glass_proto_temperature=1e-3, glass_lambda_se=0.5, glass_lambda_balance=2.0,
+                  glass_lambda_temporal=3.0, glass_lambda_temp_stability=4.0)
+    params = {"prototypes": jnp.eye(2), "assign_logits": jnp.array([[30.0, -30.0], [-30.0, 30.0]])}
+    z_src, z_next = jnp.eye(2), jnp.array([[1.0, 0.0], [1.0, 0.0]])
+    loss, parts = jax.jit(lambda p, a, b: G.glass_loss(p, a, b, args))(params, z_src, z_next)
+    assert float(parts["temporal"]) == pytest.approx(1.0, abs=1e-4)
+    assert float(parts["temp_stability"]) == pytest.approx(0.5, abs=1e-4)
+    assert float(parts["balance"]) == pytest.approx(0.0, abs=1e-6)  # masses 1/2 = 2/K exactly: the hinge is off
+    # Graph: counts [[1, 0], [1, 0]] + 1e-4 -> P rows ~ (1, 0); A ~ [[1, .5], [.5, 0]]: d = (1.5, .5), 2m = 2.
+    # H1 = -(.75 log2 .75 + .25 log2 .25); clusters {0}, {1}: g = (.5, .5) -> H2 = -.25 log2 .75 - .25 log2 .25 + H1
+    # + .75 log2 .75 + .25 log2 .25.
+    h1 = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    h2 = -0.25 * math.log2(0.75) - 0.25 * math.log2(0.25) + h1 + 0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)
+    assert float(parts["se"]) == pytest.approx(h2, abs=1e-3)
+    assert float(loss) == pytest.approx(0.5 * h2 + 3.0 * 1.0 + 4.0 * 0.5, abs=2e-3)
+
+
+def test_stopgrad_graph_blocks_the_latent_gradient():
+    z_src = jax.random.normal(jax.random.key(3), (24, 16))
+    z_next = jax.random.normal(jax.random.key(4), (24, 16))
+    params = G.Networks(G.resolve_args(G.Args(latent_dim=16)), 3, 1).glass_init(jax.random.key(5))
+    def grads(stop):  # d loss / d z_src, d loss / d z_next
+        loss = lambda a, b: G.glass_loss(params, a, b, G.Args(glass_stopgrad_graph=stop))[0]
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(z_src, z_next)
+
+    (src_stop, next_stop), (src_free, next_free) = grads(True), grads(False)
+    assert float(jnp.abs(src_stop).max()) == 0.0 and float(jnp.abs(src_free).max()) > 0.0
+    assert float(jnp.abs(next_stop).max()) == 0.0 and float(jnp.abs(next_free).max()) == 0.0  # z_next: never
+
+
+def test_schedule_gate():
+    args = G.Args(glass_warmup_steps=100, glass_off_step=1000, glass_every_k_updates=4)
+    gate = jax.jit(lambda step, i: G.glass_schedule(args, step, i))
+    expected = {(99, 0): False, (100, 0): True, (100, 1): False, (500, 8): True, (500, 6): False, (999, 4): True,
+                (1000, 0): False, (5000, 4): False}
+    for (step, i), on in expected.items():
+        assert bool(gate(step, i)) == on, (step, i)
+    never_off = G.Args(glass_warmup_steps=0, glass_every_k_updates=1)
+    assert bool(G.glass_schedule(never_off, jnp.int32(2**30), 7))
+
+
+def test_glass_enabled_is_static_off_with_zero_weights_or_off_step_zero():
+    zero = dict(glass_lambda_se=0.0, glass_lambda_balance=0.0, glass_lambda_temporal=0.0)
+    assert G.glass_enabled(G.Args())
+    assert not G.glass_enabled(G.Args(**zero))
+    assert G.glass_enabled(G.Args(**zero, glass_lambda_temp_stability=0.01))
+    assert not G.glass_enabled(G.Args(glass_off_step=0))
+
+
+# --- parity of the update with tdmpc2_jax.py, in process ---
+OBS_DIM, ACTION_DIM, CLIP = 5, 1, 20.0
+SMALL = dict(model_size=1, enc_dim=32, mlp_dim=32, latent_dim=16, batch_size=16)
+GLASS_ON = dict(glass_warmup_steps=100, glass_off_step=1000, glass_every_k_updates=1)
+
+
+def batches(n):
+    def one(key):
+        k_obs, k_act, k_rew = jax.random.split(key, 3)
+        obs = jax.random.normal(k_obs, (4, 16, OBS_DIM))
+        action = jax.random.uniform(k_act, (3, 16, ACTION_DIM), minval=-1, maxval=1)
+        return obs, action, jax.random.uniform(k_rew, (3, 16)), jnp.zeros((3, 16))
+
+    return [one(jax.random.fold_in(jax.random.key(11), i)) for i in range(n)]
+
+
+def make_update(module, **overrides):
+    """(jitted update, initial agent) of `module` with the small model; same init key for every module."""
+    args = module.resolve_args(module.Args(**SMALL, **overrides))
+    nets = module.Networks(args, OBS_DIM, ACTION_DIM)
+    wm_tx, pi_tx = module.make_optimizers(args, jax.eval_shape(nets.init, jax.random.key(0))[0])
+    agent = jax.jit(lambda key: module.init_agent(nets, wm_tx, pi_tx, key))(jax.random.key(7))
+    return jax.jit(partial(module.update, nets, wm_tx, pi_tx, 0.99)), agent
+
+
+def run(update, agent, n, *env_step):
+    infos = []
+    for i, batch in enumerate(batches(n)):
+        agent, info = update(agent, batch, jax.random.fold_in(jax.random.key(13), i), *env_step)
+        infos.append(jax.device_get(info))
+    return agent, infos
+
+
+def tdmpc2_part(agent):
+    wm = {k: v for k, v in agent.wm_params.items() if k != "glass"}
+    return jax.device_get((wm, agent.target_qs, agent.pi_params, agent.scale))
+
+
+@pytest.fixture(scope="module")
+def tdmpc2_updates():
+    """TD-MPC2's initial agent, its agent after 6 updates and their infos."""
+    update, agent = make_update(T)
+    after, infos = run(update, agent, 6)
+    return tdmpc2_part(agent), tdmpc2_part(after), infos
+
+
+@pytest.fixture(scope="module")
+def glass_update():
+    return make_update(G, **GLASS_ON)
+
+
+# Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) the tests sharing the compiled updates above
+# run in one worker, so each is compiled once.
+same_worker = pytest.mark.xdist_group("glass_updates")
+
+
+@same_worker
+def test_initial_agent_is_tdmpc2s(tdmpc2_updates, glass_update):
+    """Glass's parameters are drawn from a folded-in key: TD-MPC2's key sequence, so its parameters, are unchanged."""
+    jax.tree.map(np.testing.assert_array_equal, tdmpc2_part(glass_update[1]), tdmpc2_updates[0])
+
+
+@same_worker
+def test_stopgrad_glass_agent_equals_tdmpc2_agent(tdmpc2_updates, glass_update):
+    """REFERENCE.md §2: with stopgrad_graph the Glass loss reaches only prototypes and assign_logits; while the shared
+    clip does not bind, the agent after N updates is exactly the TD-MPC2 agent."""
+    _, expected, tdmpc2_infos = tdmpc2_updates
+    update, agent = glass_update
+    glass_agent, infos = run(update, agent, 6, 500)  # inside [warm-up, off-step): Glass on at every update
+    assert all(info["glass_loss"] > 0 for info in infos)
+    assert all(info["grad_norm"] < CLIP for info in infos + tdmpc2_infos), "the clip binds: parity does not apply"
+    jax.tree.map(np.testing.assert_array_equal, tdmpc2_part(glass_agent), expected)
+    assert not np.array_equal(glass_agent.wm_params["glass"]["prototypes"], agent.wm_params["glass"]["prototypes"])
+
+
+@same_worker
+def test_no_stopgrad_glass_changes_the_agent(tdmpc2_updates):
+    _, expected, _ = tdmpc2_updates
+    update, agent = make_update(G, **GLASS_ON, glass_stopgrad_graph=False)
+    glass_agent, _ = run(update, agent, 6, 500)
+    encoder = lambda params: params[0]["encoder"]
+    diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), encoder(tdmpc2_part(glass_agent)), encoder(expected))
+    assert max(jax.tree.leaves(diff)) > 0
+
+
+@same_worker
+def test_schedule_zero_before_warmup_and_after_off_step_without_recompiling(glass_update):
+    update, agent = glass_update
+    glass_before = jax.device_get(agent.wm_params["glass"])
+    for step in (99, 1000, 50_000):  # warm-up 100, off-step 1000
+        after, infos = run(update, agent, 2, step)
+        assert all(info["glass_loss"] == 0.0 for info in infos)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.wm_params["glass"]), glass_before)
+    after, infos = run(update, agent, 1, 100)
+    assert infos[0]["glass_loss"] > 0
+    assert update._cache_size() == 1  # one compiled program for every env step
+
+
+def test_every_args_field_is_used():
+    assert unused_args_fields("tdmpc_glass_jax.py") == []
+
+
+# --- bad input ---
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(glass_num_clusters=20), "--glass-num-clusters (20) must not exceed --glass-num-prototypes (16)"),
+        (dict(glass_off_step=50_000), "--glass-off-step (50000) must be above --glass-warmup-steps (100000)"),
+        (dict(glass_warmup_steps=10, glass_off_step=10), "--glass-off-step (10) must be above"),
+        (dict(glass_proto_temperature=0.0), "--glass-proto-temperature must be positive"),
+        (dict(glass_assign_temperature=-1.0), "--glass-assign-temperature must be positive"),
+        (dict(glass_lambda_se=-1e-3), "--glass-lambda-se must not be negative"),
+        (dict(glass_num_super_clusters=9), "--glass-num-super-clusters must be between 2 and --glass-num-clusters (8)"),
+        (dict(glass_every_k_updates=0), "--glass-every-k-updates must be positive"),
+    ],
+)
+def test_resolve_args_refuses_impossible_glass_settings(overrides, message):
+    with pytest.raises(G.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        G.resolve_args(G.Args(**overrides))
+
+
+def test_off_step_zero_is_allowed_with_a_warmup():
+    assert G.resolve_args(G.Args(glass_off_step=0)).glass_off_step == 0
+
+
+def test_cli_bad_glass_input_one_line_error():
+    proc = run_script("tdmpc_glass_jax.py", "--glass-num-clusters", "32", check=False)
+    assert proc.returncode == 2
+    assert "error: --glass-num-clusters (32) must not exceed --glass-num-prototypes (16)" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- runs ---
+def test_glass_off_run_is_the_tdmpc2_run(tdmpc2_tiny_run, tmp_path):
+    run_dir = tmp_path / "off"
+    run_script("tdmpc_glass_jax.py", *TINY_TDMPC2, "--seed", "1", "--exp-name", "tiny", "--run-dir", str(run_dir),
+               "--glass-off-step", "0")
+    returns = lambda rows: [(r["step"], r["return_pi"], r["return_mppi"]) for r in rows]
+    assert returns(read_eval(run_dir)) == returns(read_eval(tdmpc2_tiny_run))
+    expected = {k: v for k, v in read_tb_scalars(tdmpc2_tiny_run).items() if k.startswith("losses/")}
+    got = read_tb_scalars(run_dir)
+    assert expected and {k: got.get(k) for k in expected} == expected
+    assert "losses/glass_loss" not in got
+
+
+def test_user_command_runs_and_writes_diagnostics(tmp_path):
+    """The user's `--k-update 128 --glass-off-step 1000000` with the tiny model, Glass from env step 200, and the
+    optional terms on so that one run exercises them all."""
+    run_dir = tmp_path / "user"
+    flags = ["--k-update", "128", "--glass-off-step", "1000000", "--glass-warmup-steps", "200",
+             "--glass-num-super-clusters", "2", "--latent-smooth-coef", "1e-3", "--arbitration-margin", "10",
+             "--total-steps", "400", "--eval-freq", "200"]
+    run_script("tdmpc_glass_jax.py", *TINY_TDMPC2, *flags, "--run-dir", str(run_dir))
+    rows = read_eval(run_dir)
+    assert list(rows[0]) == ["step", "wall_time", "return_pi", "return_mppi", "return_arb"]
+    assert [int(r["step"]) for r in rows] == [0, 200, 400]
+    for r in rows:
+        pi, mppi = float(r["return_pi"]), float(r["return_mppi"])
+        assert float(r["return_arb"]) == (mppi if mppi > pi + 10 else pi)
+    scalars = read_tb_scalars(run_dir)
+    for name in ["active_clusters", "cluster_entropy", "max_mass", "cut_mass", "se", "balance", "temporal",
+                 "temp_stability", "super_se", "super_balance", "loss"]:
+        steps = [s for s, _ in scalars[f"glass/{name}"]]
+        assert steps == [200, 400] and all(np.isfinite(v) for _, v in scalars[f"glass/{name}"]), name
+    assert 1 <= dict(scalars["glass/active_clusters"])[400] <= 8
+    assert scalars["losses/glass_loss"][-1][1] > 0 and "losses/pi_smooth_loss" in scalars
+    with np.load(run_dir / "glass" / "P_S_step400.npz") as f:
+        assert f["P"].shape == (16, 16) and f["S"].shape == (16, 8) and f["S_super"].shape == (16, 2)
+        np.testing.assert_allclose(f["P"].sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_learns_cartpole_balance(tmp_path):
+    run_dir = tmp_path / "run"
+    run_script("tdmpc_glass_jax.py", *LEARN_TDMPC2, "--seed", "3", "--run-dir", str(run_dir),
+               "--glass-warmup-steps", "5000", timeout=1200)
+    final = read_eval(run_dir)[-1]
+    random = random_policy_return("CartpoleBalance")
+    best = max(float(final["return_pi"]), float(final["return_mppi"]))
+    glass = {k: v[-1][1] for k, v in read_tb_scalars(run_dir).items() if k.startswith(("glass/", "losses/glass"))}
+    print(f"random {random:.1f}, trained pi {final['return_pi']}, mppi {final['return_mppi']}; glass {glass}")
+    assert glass["losses/glass_loss"] > 0 and (run_dir / "glass" / "P_S_step10000.npz").exists()
+    assert best > random + 200, (best, random)

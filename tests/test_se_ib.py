@@ -1,0 +1,261 @@
+"""se_ib_tdmpc2.py: the SE / IB losses against hand-computed values, finite gradients, wiring into the world-model
+loss, the CLI, bit-for-bit parity with tdmpc2_jax.py when the regularisers are off, and learning on CartpoleBalance."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import (
+    LEARN_TDMPC2,
+    TINY_TDMPC2,
+    random_policy_return,
+    read_eval,
+    read_tb_scalars,
+    run_script,
+    unused_args_fields,
+)
+
+import se_ib_tdmpc2 as S
+import tdmpc2_jax as T
+
+# REFERENCE §3 worked example. flow = sourceᵀ target / 4 = [[.37, .13], [.13, .37]], so both modules have volume 1
+# (total 2) and cut 1 - 2 * .37 = .26: L = -2 * (.26 / 2) * ln(1 / 2) = .26 ln 2.
+WORKED_SOURCE = [[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]]
+WORKED_TARGET = [[0.8, 0.2], [0.9, 0.1], [0.1, 0.9], [0.2, 0.8]]
+
+
+def cycle(next_module, rounds: int = 3):
+    """One-hot (source, target) rows where module a always goes to next_module[a], each module used `rounds` times."""
+    m = len(next_module)
+    source = np.tile(np.eye(m), (rounds, 1))
+    return jnp.array(source), jnp.array(source[:, next_module])
+
+
+# --- pure math ---
+def test_module_assignment_averages_groups():
+    z = jnp.array([[0.5, 0.5, 1.0, 0.0, 0.0, 1.0], [0.2, 0.8, 0.2, 0.8, 0.2, 0.8]])  # 3 groups of 2
+    np.testing.assert_allclose(S.module_assignment(z, 2), [[0.5, 0.5], [0.2, 0.8]], rtol=1e-6)
+    assert S.module_assignment(jnp.zeros((3, 5, 16)), 8).shape == (3, 5, 8)
+
+
+def test_se_1d_worked_example():
+    got = float(S.se_loss_1d(jnp.array(WORKED_SOURCE), jnp.array(WORKED_TARGET)))
+    assert got == pytest.approx(0.180218, abs=1e-6)
+    assert got == pytest.approx(0.26 * math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_se_1d_persistent_is_zero_and_always_switching_is_log_m(m):
+    # Staying in the module: no cut anywhere, so no cost.
+    assert float(S.se_loss_1d(*cycle(list(range(m))))) == 0.0
+    # a -> a+1 with every module used evenly: volume 2/m of total 2, all of it cut -> -sum_a (1/m) ln(1/m) = ln m.
+    shift = [(a + 1) % m for a in range(m)]
+    assert float(S.se_loss_1d(*cycle(shift))) == pytest.approx(math.log(m), rel=1e-6)
+
+
+def test_se_2d_one_super_module_is_1d():
+    # One super-module has no cut and the whole volume: the first term vanishes and the second is the 1D loss.
+    k1, k2 = jax.random.split(jax.random.key(0))
+    source = jax.nn.softmax(jax.random.normal(k1, (40, 8)))
+    target = jax.nn.softmax(jax.random.normal(k2, (40, 8)))
+    for s, t in [(source, target), (jnp.array(WORKED_SOURCE), jnp.array(WORKED_TARGET))]:
+        assert float(S.se_loss_2d(s, t, 1)) == pytest.approx(float(S.se_loss_1d(s, t)), rel=1e-6)
+
+
+def test_se_2d_hand_values():
+    # 4 modules, super-modules {0,1} and {2,3}. Each module has volume 1/2 of total 2 and is fully cut.
+    # Switching inside the super-modules (0<->1, 2<->3): the super-modules have V = 1, no cut, so only the second term
+    # is left: -4 * (1/4) ln((1/2) / 1) = ln 2, half of the 1D value ln 4.
+    within = cycle([1, 0, 3, 2])
+    assert float(S.se_loss_2d(*within, 2)) == pytest.approx(math.log(2), rel=1e-6)
+    assert float(S.se_loss_1d(*within)) == pytest.approx(math.log(4), rel=1e-6)
+    # Switching across them (0<->2, 1<->3): the super-modules are fully cut too, -2 * (1/2) ln(1/2) = ln 2 more.
+    across = cycle([2, 3, 0, 1])
+    assert float(S.se_loss_2d(*across, 2)) == pytest.approx(2 * math.log(2), rel=1e-6)
+    # One module per super-module: ln(volume_a / V_a) = 0 and the super-level term is the 1D loss.
+    s, t = jnp.array(WORKED_SOURCE), jnp.array(WORKED_TARGET)
+    assert float(S.se_loss_2d(s, t, 2)) == pytest.approx(0.26 * math.log(2), rel=1e-6)
+
+
+def test_ib_hand_values():
+    simnorm_dim = 8
+    uniform = jnp.full((5, 32), 1 / simnorm_dim)
+    assert float(S.ib_loss(uniform, simnorm_dim)) == pytest.approx(0.0, abs=1e-6)
+    one_hot = jnp.tile(jnp.eye(simnorm_dim)[3], (5, 4))  # every group puts all mass on symbol 3: 0 log 0 = 0
+    assert float(S.ib_loss(one_hot, simnorm_dim)) == pytest.approx(math.log(simnorm_dim), rel=1e-6)
+    # Two groups of 2: [.75, .25] has KL .75 ln 1.5 + .25 ln .5 to uniform, [.5, .5] has 0; the mean is half of it.
+    z = jnp.array([0.75, 0.25, 0.5, 0.5])
+    by_hand = 0.5 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+    assert float(S.ib_loss(z, 2)) == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_usage_entropy_hand_values():
+    assert float(S.usage_entropy(jnp.tile(jnp.eye(8), (1, 2)), 8)) == pytest.approx(math.log(8), rel=1e-6)
+    assert float(S.usage_entropy(jnp.tile(jnp.eye(8)[5], (6, 2)), 8)) == 0.0
+    # Rows using modules {0} and {0, 1} equally: usage [3/4, 1/4].
+    z = jnp.array([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0]])
+    by_hand = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert float(S.usage_entropy(z, 2)) == pytest.approx(by_hand, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["one_hot", "uniform"])
+def test_gradients_finite_at_one_hot_and_uniform(kind):
+    simnorm_dim = 4
+    if kind == "one_hot":
+        zs = jnp.tile(jnp.eye(simnorm_dim), (4, 3, 1)).reshape(4, 3, 16)  # (H+1, B, latent): zero probabilities
+    else:
+        zs = jnp.full((4, 3, 16), 1 / simnorm_dim)
+    source = S.module_assignment(zs[:-1], simnorm_dim).reshape(-1, simnorm_dim)
+    target = S.module_assignment(zs[1:], simnorm_dim).reshape(-1, simnorm_dim)
+    grads = [
+        jax.grad(S.ib_loss)(zs, simnorm_dim),
+        *jax.grad(S.se_loss_1d, argnums=(0, 1))(source, target),
+        *jax.grad(S.se_loss_2d, argnums=(0, 1))(source, target, 2),
+    ]
+    for g in grads:
+        assert np.isfinite(np.asarray(g)).all()
+    args = dataclasses.replace(S.Args(), simnorm_dim=simnorm_dim, se_coef=0.1, ib_coef=0.1, se_2d=True)
+    grad = jax.grad(lambda z: S.module_regularisers(args, z)[0])(zs)
+    assert np.isfinite(np.asarray(grad)).all()
+
+
+# --- wiring into the world-model loss ---
+class LinearNets:
+    """The parts of se_ib_tdmpc2.Networks that world_model_loss uses, as one-matrix maps (the real networks take
+    half a minute to compile on 2 cores): SimNorm latents, zero reward and Q logits."""
+
+    def __init__(self, args: S.Args):
+        self.args = args
+
+    def init(self, key):
+        k_enc, k_dyn, k_act = jax.random.split(key, 3)
+        latent = self.args.latent_dim
+        return {"encoder": jax.random.normal(k_enc, (5, latent)), "action": jax.random.normal(k_act, (2, latent)),
+                "dynamics": jax.random.normal(k_dyn, (latent, latent)), "qs": None}
+
+    def encode(self, params, obs):
+        return S.simnorm(obs @ params["encoder"], self.args.simnorm_dim)
+
+    def next(self, params, z, action):
+        return S.simnorm(z @ params["dynamics"] + action @ params["action"], self.args.simnorm_dim)
+
+    def reward(self, params, z, action):
+        return jnp.zeros(z.shape[:-1] + (self.args.num_bins,))
+
+    def q_logits(self, q_params, z, action, dropout_key=None):
+        return jnp.zeros((self.args.num_q,) + z.shape[:-1] + (self.args.num_bins,))
+
+
+def world_model_loss_at(args: S.Args):
+    nets = LinearNets(args)
+    params = nets.init(jax.random.key(0))
+    k_obs, k_act = jax.random.split(jax.random.key(1))
+    obs = jax.random.normal(k_obs, (args.horizon + 1, 6, 5))
+    action = jax.random.uniform(k_act, (args.horizon, 6, 2), minval=-1, maxval=1)
+    zeros = jnp.zeros((args.horizon, 6))
+    loss = lambda p: S.world_model_loss(nets, p, obs, action, zeros, zeros, nets.encode(params, obs[1:]), None)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+def test_regularisers_added_to_world_model_loss():
+    base = S.resolve_args(S.Args(latent_dim=16))
+    (off, (zs, info_off)), grads_off = world_model_loss_at(base)
+    assert "se" not in info_off and "ib" not in info_off
+    for se_2d in [False, True]:
+        args = dataclasses.replace(base, se_coef=0.3, ib_coef=0.2, se_2d=se_2d, num_super_modules=4)
+        (on, (zs_on, info)), grads = world_model_loss_at(args)
+        np.testing.assert_array_equal(zs_on, zs)  # same parameters and data, same rollout
+        # By hand from the rollout: source = steps 0..H-1, target = steps 1..H, flattened over steps and batch.
+        assignment = S.module_assignment(zs, 8)
+        source, target = assignment[:-1].reshape(-1, 8), assignment[1:].reshape(-1, 8)
+        se = S.se_loss_2d(source, target, 4) if se_2d else S.se_loss_1d(source, target)
+        assert float(info["se"]) == pytest.approx(float(se), rel=1e-5)
+        assert float(info["ib"]) == pytest.approx(float(S.ib_loss(zs, 8)), rel=1e-5)
+        assert float(on) == pytest.approx(float(off) + 0.3 * float(se) + 0.2 * float(info["ib"]), rel=1e-5)
+        for name in ["encoder", "dynamics"]:  # the regularisers shape both the encoder and the dynamics
+            assert not np.allclose(grads[name], grads_off[name])
+
+
+def test_off_traces_the_tdmpc2_graph():
+    # With both coefficients 0 the regularisers are skipped at trace time: the jaxpr is tdmpc2_jax.py's.
+    def jaxpr(module):
+        args = module.resolve_args(module.Args(model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16))
+        nets = module.Networks(args, obs_dim=5, action_dim=2)
+        wm_params, _ = jax.eval_shape(nets.init, jax.random.key(0))
+        obs, action = jnp.zeros((4, 6, 5)), jnp.zeros((3, 6, 2))
+        fn = lambda p: module.world_model_loss(nets, p, obs, action, jnp.zeros((3, 6)), jnp.zeros((3, 6)),
+                                               jnp.zeros((3, 6, 16)), jax.random.key(2))[0]
+        return str(jax.make_jaxpr(jax.grad(fn))(wm_params))
+
+    assert jaxpr(S) == jaxpr(T)
+
+
+# --- CLI ---
+def test_every_args_field_is_used():
+    assert unused_args_fields("se_ib_tdmpc2.py") == []
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(se_coef=-0.1), "--se-coef must not be negative, got -0.1"),
+        (dict(ib_coef=-1.0), "--ib-coef must not be negative, got -1.0"),
+        (dict(se_2d=True), "--se-2d needs a positive --se-coef"),
+        (dict(se_2d=True, se_coef=0.1, num_super_modules=3), "--num-super-modules (3) must divide --simnorm-dim (8)"),
+        (dict(num_super_modules=0), "--num-super-modules must be positive"),
+    ],
+)
+def test_resolve_args_refuses_bad_regulariser_settings(overrides, message):
+    with pytest.raises(S.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        S.resolve_args(S.Args(**overrides))
+
+
+def test_resolve_args_accepts_dividing_super_modules():
+    args = S.resolve_args(S.Args(se_coef=0.1, se_2d=True, num_super_modules=4))
+    assert (args.se_coef, args.se_2d, args.num_super_modules) == (0.1, True, 4)
+
+
+def test_cli_help_and_one_line_error():
+    out = run_script("se_ib_tdmpc2.py", "--help").stdout
+    for flag in ["--se-coef", "--ib-coef", "--se-2d", "--no-se-2d", "--num-super-modules", "--k-update"]:
+        assert flag in out
+    proc = run_script("se_ib_tdmpc2.py", "--se-2d", "--ib-coef", "0.1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --se-2d needs a positive --se-coef (it chooses which SE loss is used)"
+
+
+# --- runs ---
+def test_off_is_tdmpc2_bit_for_bit(tdmpc2_tiny_run, tmp_path):
+    run_dir = tmp_path / "se_ib_off"
+    run_script("se_ib_tdmpc2.py", *TINY_TDMPC2, "--seed", "1", "--exp-name", "tiny", "--run-dir", str(run_dir))
+    returns = lambda rows: [(r["step"], r["return_pi"], r["return_mppi"]) for r in rows]
+    assert returns(read_eval(run_dir)) == returns(read_eval(tdmpc2_tiny_run))
+    ours, theirs = read_tb_scalars(run_dir), read_tb_scalars(tdmpc2_tiny_run)
+    loss_tags = sorted(t for t in theirs if t.startswith("losses/"))
+    assert "losses/consistency_loss" in loss_tags and "losses/pi_loss" in loss_tags
+    assert sorted(t for t in ours if t.startswith("losses/")) == loss_tags  # no losses/se or losses/ib when off
+    for tag in loss_tags:
+        assert ours[tag] == theirs[tag], tag
+    # The module-usage diagnostic is logged at every eval after the first chunk, within [0, ln 8].
+    entropy = ours["se/module_entropy"]
+    assert [step for step, _ in entropy] == [400, 800]
+    assert all(0 <= value <= math.log(8) + 1e-6 for _, value in entropy)
+
+
+@pytest.mark.slow
+def test_learns_cartpole_balance_with_se(tmp_path):
+    run_dir = tmp_path / "run"
+    run_script("se_ib_tdmpc2.py", *LEARN_TDMPC2, "--se-coef", "0.01", "--seed", "3", "--run-dir", str(run_dir),
+               timeout=1200)
+    final = read_eval(run_dir)[-1]
+    random = random_policy_return("CartpoleBalance")
+    best = max(float(final["return_pi"]), float(final["return_mppi"]))
+    scalars = read_tb_scalars(run_dir)
+    se = [value for _, value in scalars["losses/se"]]
+    print(f"random {random:.1f}, trained pi {final['return_pi']}, mppi {final['return_mppi']}; losses/se {se}; "
+          f"se/module_entropy {scalars['se/module_entropy']}")
+    assert all(np.isfinite(se)) and "losses/ib" not in scalars
+    assert best > random + 200, (best, random)
