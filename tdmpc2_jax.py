@@ -615,7 +615,7 @@ def update(nets: Networks, wm_tx, pi_tx, discount: float, agent: AgentState, bat
         pi_opt_state=pi_opt_state,
         scale=scale,
     )
-    info = {**info, **pi_info, "total_loss": wm_loss, "grad_norm": optax.global_norm(wm_grads)}
+    info = {**info, **pi_info, "total_loss": wm_loss, "grad_norm": optax.tree.norm(wm_grads)}
     return agent, info
 
 

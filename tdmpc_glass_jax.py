@@ -819,7 +819,7 @@ def update(nets: Networks, wm_tx, pi_tx, discount: float, agent: AgentState, bat
         scale=scale,
         updates=agent.updates + 1,
     )
-    info = {**info, **pi_info, "total_loss": wm_loss, "grad_norm": optax.global_norm(wm_grads)}
+    info = {**info, **pi_info, "total_loss": wm_loss, "grad_norm": optax.tree.norm(wm_grads)}
     return agent, info
 
 

@@ -97,6 +97,17 @@ def random_policy_return(env_id: str, episodes: int = 8) -> float:
     return float(random_return(jax.random.key(0)))
 
 
+def learning_run(script: str, run_dir: Path, *flags: str):
+    """Run `script` with the CartpoleBalance learning config (LEARN_TDMPC2, seed 3) plus `flags` and check that its
+    last evaluation (best of pi and MPPI) beats uniform random actions, measured here, by 200."""
+    run_script(script, *LEARN_TDMPC2, "--seed", "3", "--run-dir", str(run_dir), *flags, timeout=1200)
+    final = read_eval(run_dir)[-1]
+    random = random_policy_return("CartpoleBalance")
+    best = max(float(final["return_pi"]), float(final["return_mppi"]))
+    print(f"{script}: random {random:.1f}, trained pi {final['return_pi']}, mppi {final['return_mppi']}")
+    assert best > random + 200, (best, random)
+
+
 @pytest.fixture(scope="session")
 def tdmpc2_tiny_run(tmp_path_factory) -> Path:
     """Run folder of one tiny `tdmpc2_jax.py` run (args.json, eval.csv, TensorBoard events)."""

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
-    LEARN_TDMPC2,
     TINY_TDMPC2,
-    random_policy_return,
+    learning_run,
     read_eval,
     read_tb_scalars,
     run_script,
@@ -351,12 +350,7 @@ def test_user_command_runs_and_writes_diagnostics(tmp_path):
 @pytest.mark.slow
 def test_learns_cartpole_balance(tmp_path):
     run_dir = tmp_path / "run"
-    run_script("tdmpc_glass_jax.py", *LEARN_TDMPC2, "--seed", "3", "--run-dir", str(run_dir),
-               "--glass-warmup-steps", "5000", timeout=1200)
-    final = read_eval(run_dir)[-1]
-    random = random_policy_return("CartpoleBalance")
-    best = max(float(final["return_pi"]), float(final["return_mppi"]))
+    learning_run("tdmpc_glass_jax.py", run_dir, "--glass-warmup-steps", "5000")
     glass = {k: v[-1][1] for k, v in read_tb_scalars(run_dir).items() if k.startswith(("glass/", "losses/glass"))}
-    print(f"random {random:.1f}, trained pi {final['return_pi']}, mppi {final['return_mppi']}; glass {glass}")
+    print(f"glass at the end: {glass}")
     assert glass["losses/glass_loss"] > 0 and (run_dir / "glass" / "P_S_step10000.npz").exists()
-    assert best > random + 200, (best, random)

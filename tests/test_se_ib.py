@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
-    LEARN_TDMPC2,
     TINY_TDMPC2,
-    random_policy_return,
+    learning_run,
     read_eval,
     read_tb_scalars,
     run_script,
@@ -248,14 +247,8 @@ def test_off_is_tdmpc2_bit_for_bit(tdmpc2_tiny_run, tmp_path):
 @pytest.mark.slow
 def test_learns_cartpole_balance_with_se(tmp_path):
     run_dir = tmp_path / "run"
-    run_script("se_ib_tdmpc2.py", *LEARN_TDMPC2, "--se-coef", "0.01", "--seed", "3", "--run-dir", str(run_dir),
-               timeout=1200)
-    final = read_eval(run_dir)[-1]
-    random = random_policy_return("CartpoleBalance")
-    best = max(float(final["return_pi"]), float(final["return_mppi"]))
+    learning_run("se_ib_tdmpc2.py", run_dir, "--se-coef", "0.01")
     scalars = read_tb_scalars(run_dir)
     se = [value for _, value in scalars["losses/se"]]
-    print(f"random {random:.1f}, trained pi {final['return_pi']}, mppi {final['return_mppi']}; losses/se {se}; "
-          f"se/module_entropy {scalars['se/module_entropy']}")
+    print(f"losses/se {se}; se/module_entropy {scalars['se/module_entropy']}")
     assert all(np.isfinite(se)) and "losses/ib" not in scalars
-    assert best > random + 200, (best, random)
