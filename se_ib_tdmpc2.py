@@ -1081,7 +1081,9 @@ def train(args: Args) -> Path:
     if args.save_model:
         save_checkpoint(run_dir, carry.agent, step)
     writer.close()
-    print(f"done: {step:,} env steps in {format_time(time.time() - start_time)}; results in {run_dir}", flush=True)
+    final = ", ".join(f"{mode} {value:.1f}" for mode, value in returns.items())
+    print(f"done: {step:,} env steps in {format_time(time.time() - start_time)}; final eval: {final}; "
+          f"results in {run_dir}", flush=True)
     return run_dir
 
 
