@@ -393,7 +393,9 @@ def plot_env(path: Path, env_id: str, rows, baselines, metric: str, g1: float, g
     """curves_{env}.png: per family the mean over countable runs with a 95% band, baselines in grey, G1/G2 lines."""
     fig = Figure(figsize=(8, 5), dpi=110)
     ax = fig.add_subplot()
+    returns = [g1, g2]  # every plotted return, for the y range
     for label, curves in baselines:
+        returns += [v for _, values in curves for v in values]
         grid, mean, low, high = mean_band(curves)
         ax.plot(grid, mean, color="0.25", lw=1.8, label=f"{label} (n={len(curves)})",
                 marker="." if grid.size == 1 else None)
@@ -402,6 +404,7 @@ def plot_env(path: Path, env_id: str, rows, baselines, metric: str, g1: float, g
         if not row.runs:
             continue
         curves = [(r.steps, score_curve(r, metric)) for r in row.runs]
+        returns += [v for _, values in curves for v in values]
         grid, mean, low, high = mean_band(curves)
         color = family_color(row.family)
         ax.plot(grid, mean, color=color, lw=1.8, label=f"{row.family} (n={len(curves)})",
@@ -409,6 +412,11 @@ def plot_env(path: Path, env_id: str, rows, baselines, metric: str, g1: float, g
         ax.fill_between(grid, low, high, color=color, alpha=0.2, lw=0)
     ax.axhline(g1, color="k", ls="--", lw=1, label=f"G1 = {g1:g}")
     ax.axhline(g2, color="k", ls=":", lw=1, label=f"G2 = {g2:g}")
+    # The y range follows the returns themselves: with 2-3 seeds a t band (t = 12.7 at n = 2) can reach far past any
+    # return and would squash the curves, so it is cut at the frame instead.
+    low, high = np.nanmin(returns), np.nanmax(returns)
+    pad = 0.05 * (high - low) or 1.0
+    ax.set_ylim(low - pad, high + pad)
     ax.xaxis.set_major_formatter(FuncFormatter(_steps_label))
     ax.set_xlabel("environment steps")
     ax.set_ylabel("episode return")
