@@ -3,6 +3,7 @@ and learning on CartpoleBalance."""
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_TDMPC2, learning_run, read_eval, run_script, unused_args_fields
+from flax import serialization
 from scipy import stats
 
 import tdmpc2_jax as T
@@ -263,6 +265,23 @@ def test_same_seed_same_returns(tdmpc2_tiny_run, tmp_path):
     strip = lambda rows: [(r["step"], r["return_pi"], r["return_mppi"]) for r in rows]
     assert strip(read_eval(tmp_path / "again")) == strip(read_eval(tdmpc2_tiny_run))
     assert (tmp_path / "again" / "checkpoints" / "step_800.msgpack").stat().st_size > 0
+
+
+def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path):
+    """A learning rate of 1e30 blows the networks up on the first updates. Seeding (env steps 0-200, no pretraining
+    burst) is finite and checkpointed; the next chunk must stop the run with one line naming the loss and the step."""
+    run_dir = tmp_path / "nan"
+    proc = run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--lr", "1e30", "--pretrain-updates", "0", "--eval-freq", "200",
+                      "--checkpoint-every", "200", "--run-dir", str(run_dir), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.strip()
+    assert "Traceback" not in message and len(message.splitlines()) == 1
+    match = re.fullmatch(r"error: non-finite losses/(\w+) at env step (\d+); stopping \(.*\)", message)
+    assert match and 200 < int(match[2]) <= 400, message
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_200.msgpack"]  # no temp file left
+    state = serialization.msgpack_restore((run_dir / "checkpoints" / "step_200.msgpack").read_bytes())
+    assert state["step"] == 200
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["agent"]) if np.issubdtype(x.dtype, np.floating))
 
 
 @pytest.mark.slow
