@@ -414,9 +414,9 @@ def plot_env(path: Path, env_id: str, rows, baselines, metric: str, g1: float, g
     ax.axhline(g2, color="k", ls=":", lw=1, label=f"G2 = {g2:g}")
     # The y range follows the returns themselves: with 2-3 seeds a t band (t = 12.7 at n = 2) can reach far past any
     # return and would squash the curves, so it is cut at the frame instead.
-    low, high = np.nanmin(returns), np.nanmax(returns)
-    pad = 0.05 * (high - low) or 1.0
-    ax.set_ylim(low - pad, high + pad)
+    y_low, y_high = np.nanmin(returns), np.nanmax(returns)
+    pad = 0.05 * (y_high - y_low) or 1.0
+    ax.set_ylim(y_low - pad, y_high + pad)
     ax.xaxis.set_major_formatter(FuncFormatter(_steps_label))
     ax.set_xlabel("environment steps")
     ax.set_ylabel("episode return")
