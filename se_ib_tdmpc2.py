@@ -1,12 +1,13 @@
 """TD-MPC2 with structural-entropy (SE) and information-bottleneck (IB) regularisers on SimNorm modules, in JAX on
 MuJoCo Playground (MJX): one self-contained file.
 
-`tdmpc2_jax.py` unchanged, plus terms added to the world-model loss. Each SimNorm group of `simnorm_dim` features
-is read as a soft choice among `simnorm_dim` symbols ("modules"): IB pulls every group towards uniform symbol use;
-SE treats consecutive rollout latents as a transition-flow graph between modules and prefers sharp, persistent
-modules (1D: one level; 2D: modules grouped into super-modules). With both coefficients 0 (the default) a run is
-bit for bit the `tdmpc2_jax.py` run with the same seed and flags.
-Docs: README.md, section "se_ib_tdmpc2.py: SE / IB regularisers on SimNorm modules"; formulas: REFERENCE §3.
+`tdmpc2_jax.py` unchanged, plus terms added to the world-model loss (the section "SE / IB on SimNorm modules").
+Each SimNorm group of `simnorm_dim` features is read as a soft choice among `simnorm_dim` symbols ("modules"): IB
+pulls every group of the encoder's latents towards uniform symbol use; SE treats consecutive rollout latents as a
+transition-flow graph between modules and prefers sharp, persistent modules (1D: one level; 2D: modules grouped into
+super-modules). The terms are those of the PyTorch TD-MPC2 fork github.com/SuuTTT/tdmpc2 (the predecessor code).
+With both coefficients 0 (the default) a run is bit for bit the `tdmpc2_jax.py` run with the same seed and flags.
+Docs, formulas and worked examples: docs/se_ib.md.
 """
 
 import dataclasses
@@ -70,7 +71,7 @@ class Args:
     log_freq: int = 10_000
     """env steps between progress lines and TensorBoard points (one jitted chunk of vector steps)"""
     collect_policy: Literal["mppi", "pi"] = "mppi"
-    """how training data is collected: MPPI (official) or a policy sample plus Gaussian noise (seed code)"""
+    """how training data is collected: MPPI (official) or a policy sample plus Gaussian noise (the predecessor code)"""
     collect_noise: float = 0.3
     """std of the Gaussian noise added to policy samples with --collect-policy pi"""
     buffer_size: int = 1_000_000
@@ -274,71 +275,6 @@ def simnorm(x, simnorm_dim: int):
     return jax.nn.softmax(groups, axis=-1).reshape(x.shape)
 
 
-# SE / IB on SimNorm modules (REFERENCE §3): a latent's module assignment is the mean of its SimNorm groups.
-def xlogx(p):
-    """p * log p with 0 log 0 = 0; the inner where keeps the gradient finite (0) at p = 0."""
-    positive = p > 0
-    return jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0)
-
-
-def module_assignment(z, simnorm_dim: int):
-    """(..., latent) SimNorm latents -> (..., simnorm_dim): the average of the groups, a distribution over modules."""
-    return z.reshape(*z.shape[:-1], -1, simnorm_dim).mean(-2)
-
-
-def ib_loss(z, simnorm_dim: int):
-    """KL(p || uniform) = sum_i p_i (log p_i + log simnorm_dim) per SimNorm group, averaged over groups and rows.
-    z is already probabilities per group (no second softmax)."""
-    p = z.reshape(*z.shape[:-1], -1, simnorm_dim)
-    return jnp.mean(jnp.sum(xlogx(p) + p * math.log(simnorm_dim), axis=-1))
-
-
-def volume_and_cut(flow):
-    """Per node of a flow graph (K, K): volume = out- plus in-flow, cut = volume - 2 * self-flow (>= 0)."""
-    volume = flow.sum(0) + flow.sum(1)
-    return volume, jnp.maximum(volume - 2 * jnp.diag(flow), 0.0)
-
-
-def module_flow(source, target):
-    """Soft transition graph between modules from (N, M) assignments at t and t+1: flow (M, M) = sourceᵀ target / N,
-    its volumes and cuts, and the total volume (>= 1e-8)."""
-    flow = source.T @ target / source.shape[0]
-    volume, cut = volume_and_cut(flow)
-    return flow, volume, cut, jnp.maximum(volume.sum(), 1e-8)
-
-
-def safe_log(x):
-    """log with its argument clamped at 1e-8, as the seed code does: empty modules give finite values and grads."""
-    return jnp.log(jnp.maximum(x, 1e-8))
-
-
-def se_loss_1d(source, target):
-    """One-level structural-entropy proxy (nats): -sum_a (cut_a / total) ln(volume_a / total)."""
-    _, volume, cut, total = module_flow(source, target)
-    return -jnp.sum(cut / total * safe_log(volume / total))
-
-
-def se_loss_2d(source, target, num_super_modules: int):
-    """Two-level SE: module a sits in super-module a // (M / num_super_modules); super-module volumes V_j and cuts
-    g_j come from the same flow summed over blocks.
-    -sum_j (g_j / total) ln(V_j / total) - sum_a (cut_a / total) ln(volume_a / V_super(a))."""
-    flow, volume, cut, total = module_flow(source, target)
-    num_modules = flow.shape[0]
-    size = num_modules // num_super_modules
-    super_flow = flow.reshape(num_super_modules, size, num_super_modules, size).sum(axis=(1, 3))
-    super_volume, super_cut = volume_and_cut(super_flow)
-    parent_volume = jnp.maximum(jnp.repeat(super_volume, size), 1e-8)  # V_super(a) for every module a
-    between = -jnp.sum(super_cut / total * safe_log(super_volume / total))
-    within = -jnp.sum(cut / total * safe_log(volume / parent_volume))
-    return between + within
-
-
-def usage_entropy(z, simnorm_dim: int):
-    """Entropy (nats) of the module usage histogram: module_assignment averaged over all rows of z (..., latent)."""
-    usage = module_assignment(z, simnorm_dim).reshape(-1, simnorm_dim).mean(0)
-    return -jnp.sum(xlogx(usage))
-
-
 def discount_heuristic(episode_length: int) -> float:
     """Official TD-MPC2 discount from the episode length in agent steps: (f-1)/f with f = length/5, clipped."""
     frac = episode_length / 5
@@ -357,6 +293,108 @@ def running_scale_update(scale, q, tau: float):
     """RunningScale: lerp towards max(p95 - p5, 1) of a batch of Q-values (linear-interpolated percentiles)."""
     p5, p95 = jnp.percentile(q, jnp.array([5.0, 95.0]), method="linear")
     return scale + tau * (jnp.maximum(p95 - p5, 1.0) - scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SE / IB on SimNorm modules (docs/se_ib.md, "The math"): each SimNorm group of a latent is a distribution over
+# simnorm_dim symbols; a latent's module assignment is the mean of its groups, a distribution over M = simnorm_dim
+# modules. SimNorm itself: Hansen, Su & Wang, "TD-MPC2: Scalable, Robust World Models for Continuous Control",
+# ICLR 2024 (the `simnorm` function above).
+# ---------------------------------------------------------------------------------------------------------------------
+def module_assignment(z, simnorm_dim: int):
+    """(..., latent) SimNorm latents -> (..., simnorm_dim): the average of the groups, a distribution over modules."""
+    return z.reshape(*z.shape[:-1], -1, simnorm_dim).mean(-2)
+
+
+def kl_to_uniform(z, simnorm_dim: int):
+    """(..., latent) SimNorm latents -> (..., groups): KL(p || uniform) = sum_i p_i (ln p_i + ln simnorm_dim) of every
+    group p. p is clamped at 1e-8 first, as the predecessor code does: finite at one-hot groups, zero gradient there."""
+    p = jnp.maximum(z.reshape(*z.shape[:-1], -1, simnorm_dim), 1e-8)
+    return jnp.sum(p * (jnp.log(p) + math.log(simnorm_dim)), axis=-1)
+
+
+def ib_loss(z0, next_z, rho: float, simnorm_dim: int):
+    """Information-bottleneck proxy (Tishby, Pereira & Bialek, "The information bottleneck method", 1999): the rate
+    term of the variational bound of Alemi et al. ("Deep Variational Information Bottleneck", ICLR 2017), KL of the
+    encoding to a fixed prior, with each SimNorm group read as a categorical and a uniform prior.
+    L = (IB(z_0) + sum_t rho^t IB(next_z[t])) / (H+1), IB = kl_to_uniform averaged over batch and groups, as the
+    predecessor code computes it: z_0 = enc(o_0) (B, latent) carries the gradient; next_z = enc(o_1..o_H) (H, B, latent)
+    are the consistency targets, without gradient."""
+    horizon = next_z.shape[0]
+    per_target = kl_to_uniform(jax.lax.stop_gradient(next_z), simnorm_dim).mean(axis=(1, 2))  # (H,)
+    return (kl_to_uniform(z0, simnorm_dim).mean() + jnp.sum(rho ** jnp.arange(horizon) * per_target)) / (horizon + 1)
+
+
+def volume_and_cut(flow):
+    """Per node of a flow graph (K, K): volume = out- plus in-flow, cut = volume - 2 * self-flow (>= 0)."""
+    volume = flow.sum(0) + flow.sum(1)
+    return volume, jnp.maximum(volume - 2 * jnp.diag(flow), 0.0)
+
+
+def module_flow(source, target):
+    """Soft transition graph between modules from (N, M) assignments at t and t+1: flow (M, M) = sourceᵀ target / N,
+    its volumes and cuts, and the total volume (>= 1e-8)."""
+    flow = source.T @ target / source.shape[0]
+    volume, cut = volume_and_cut(flow)
+    return flow, volume, cut, jnp.maximum(volume.sum(), 1e-8)
+
+
+def safe_log(x):
+    """log with its argument clamped at 1e-8, as the predecessor code does: empty modules give finite values and
+    gradients."""
+    return jnp.log(jnp.maximum(x, 1e-8))
+
+
+def se_loss_1d(source, target):
+    """One-level structural-entropy proxy (nats): -sum_a (cut_a / total) ln(volume_a / total). These are the module
+    terms of the structural entropy of the flow graph under the encoding tree root -> modules, with soft membership
+    and the leaf terms left out (Li & Pan, "Structural Information and Dynamical Complexity of Networks", IEEE Trans.
+    Inf. Theory 62(6), 2016)."""
+    _, volume, cut, total = module_flow(source, target)
+    return -jnp.sum(cut / total * safe_log(volume / total))
+
+
+def se_loss_2d(source, target, num_super_modules: int):
+    """Two-level structural entropy (Li & Pan 2016, as in se_loss_1d) under the encoding tree root -> super-modules ->
+    modules: module a sits in super-module a // (M / num_super_modules); super-module volumes V_j and cuts g_j come from
+    the same flow summed over blocks.
+    -sum_j (g_j / total) ln(V_j / total) - sum_a (cut_a / total) ln(volume_a / V_super(a))."""
+    flow, volume, cut, total = module_flow(source, target)
+    num_modules = flow.shape[0]
+    size = num_modules // num_super_modules
+    super_flow = flow.reshape(num_super_modules, size, num_super_modules, size).sum(axis=(1, 3))
+    super_volume, super_cut = volume_and_cut(super_flow)
+    parent_volume = jnp.maximum(jnp.repeat(super_volume, size), 1e-8)  # V_super(a) for every module a
+    between = -jnp.sum(super_cut / total * safe_log(super_volume / total))
+    within = -jnp.sum(cut / total * safe_log(volume / parent_volume))
+    return between + within
+
+
+def usage_entropy(z, simnorm_dim: int):
+    """Entropy (nats) of the module usage histogram: module_assignment averaged over all rows of z (..., latent)."""
+    usage = module_assignment(z, simnorm_dim).reshape(-1, simnorm_dim).mean(0)
+    return jnp.sum(jax.scipy.special.entr(usage))
+
+
+def module_regularisers(args: Args, zs, next_z):
+    """ib_coef * IB + se_coef * SE of one update. zs (H+1, B, latent) is the latent rollout (z_0 = enc(o_0), then the
+    dynamics' predictions): SE's flow goes from steps 0..H-1 (source) to 1..H (target), N = H*B rows, and reaches the
+    encoder and the dynamics. IB reads z_0 = zs[0] and the consistency targets next_z (H, B, latent).
+    Only terms with a positive coefficient are traced; their unweighted values are logged as losses/ib, losses/se."""
+    loss, info = 0.0, {}
+    if args.ib_coef > 0:
+        info["ib"] = ib_loss(zs[0], next_z, args.rho, args.simnorm_dim)
+        loss = loss + args.ib_coef * info["ib"]
+    if args.se_coef > 0:
+        assignment = module_assignment(zs, args.simnorm_dim)
+        source = assignment[:-1].reshape(-1, args.simnorm_dim)
+        target = assignment[1:].reshape(-1, args.simnorm_dim)
+        if args.se_2d:
+            info["se"] = se_loss_2d(source, target, args.num_super_modules)
+        else:
+            info["se"] = se_loss_1d(source, target)
+        loss = loss + args.se_coef * info["se"]
+    return loss, info
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -527,29 +565,9 @@ def world_model_loss(nets: Networks, wm_params, obs, action, reward, td_target, 
     total = a.consistency_coef * consistency + a.reward_coef * reward_loss + a.value_coef * value_loss
     info = {"consistency_loss": consistency, "reward_loss": reward_loss, "value_loss": value_loss}
     if a.se_coef > 0 or a.ib_coef > 0:  # a Python-level switch: with both off the traced graph is TD-MPC2's
-        regulariser, module_info = module_regularisers(a, zs)
+        regulariser, module_info = module_regularisers(a, zs, next_z)
         total, info = total + regulariser, {**info, **module_info}
     return total, (zs, info)
-
-
-def module_regularisers(args: Args, zs):
-    """ib_coef * IB + se_coef * SE on the rollout latents zs (H+1, B, latent), gradients into encoder and dynamics.
-    IB averages over all H+1 steps; SE's flow goes from steps 0..H-1 (source) to 1..H (target), N = H*B rows.
-    Only terms with a positive coefficient are traced; their unweighted values are logged as losses/ib, losses/se."""
-    loss, info = 0.0, {}
-    if args.ib_coef > 0:
-        info["ib"] = ib_loss(zs, args.simnorm_dim)
-        loss = loss + args.ib_coef * info["ib"]
-    if args.se_coef > 0:
-        assignment = module_assignment(zs, args.simnorm_dim)
-        source = assignment[:-1].reshape(-1, args.simnorm_dim)
-        target = assignment[1:].reshape(-1, args.simnorm_dim)
-        if args.se_2d:
-            info["se"] = se_loss_2d(source, target, args.num_super_modules)
-        else:
-            info["se"] = se_loss_1d(source, target)
-        loss = loss + args.se_coef * info["se"]
-    return loss, info
 
 
 def policy_loss(nets: Networks, pi_params, wm_params, zs, scale, key):

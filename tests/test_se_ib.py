@@ -20,8 +20,8 @@ from conftest import (
 import se_ib_tdmpc2 as S
 import tdmpc2_jax as T
 
-# REFERENCE §3 worked example. flow = sourceᵀ target / 4 = [[.37, .13], [.13, .37]], so both modules have volume 1
-# (total 2) and cut 1 - 2 * .37 = .26: L = -2 * (.26 / 2) * ln(1 / 2) = .26 ln 2.
+# The 1D SE worked example of docs/se_ib.md. flow = sourceᵀ target / 4 = [[.37, .13], [.13, .37]], so both modules
+# have volume 1 (total 2) and cut 1 - 2 * .37 = .26: L = -2 * (.26 / 2) * ln(1 / 2) = .26 ln 2.
 WORKED_SOURCE = [[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]]
 WORKED_TARGET = [[0.8, 0.2], [0.9, 0.1], [0.1, 0.9], [0.2, 0.8]]
 
@@ -79,16 +79,29 @@ def test_se_2d_hand_values():
     assert float(S.se_loss_2d(s, t, 2)) == pytest.approx(0.26 * math.log(2), rel=1e-6)
 
 
-def test_ib_hand_values():
+def test_kl_to_uniform_hand_values():
     simnorm_dim = 8
     uniform = jnp.full((5, 32), 1 / simnorm_dim)
-    assert float(S.ib_loss(uniform, simnorm_dim)) == pytest.approx(0.0, abs=1e-6)
-    one_hot = jnp.tile(jnp.eye(simnorm_dim)[3], (5, 4))  # every group puts all mass on symbol 3: 0 log 0 = 0
-    assert float(S.ib_loss(one_hot, simnorm_dim)) == pytest.approx(math.log(simnorm_dim), rel=1e-6)
-    # Two groups of 2: [.75, .25] has KL .75 ln 1.5 + .25 ln .5 to uniform, [.5, .5] has 0; the mean is half of it.
+    np.testing.assert_allclose(S.kl_to_uniform(uniform, simnorm_dim), 0.0, atol=1e-6)
+    # Every group puts all mass on symbol 3: ln 8, less 7 * 1e-8 * (ln 8 - ln 1e8) = 1.1e-6 from the 1e-8 clamp.
+    one_hot = jnp.tile(jnp.eye(simnorm_dim)[3], (5, 4))
+    np.testing.assert_allclose(S.kl_to_uniform(one_hot, simnorm_dim), math.log(simnorm_dim), atol=2e-6)
+    # Two groups of 2: [.75, .25] has KL .75 ln 1.5 + .25 ln .5 = 0.130812 to uniform, [.5, .5] has 0.
     z = jnp.array([0.75, 0.25, 0.5, 0.5])
-    by_hand = 0.5 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5))
-    assert float(S.ib_loss(z, 2)) == pytest.approx(by_hand, rel=1e-6)
+    np.testing.assert_allclose(S.kl_to_uniform(z, 2), [0.130812, 0.0], atol=1e-6)
+
+
+def test_ib_worked_example():
+    # docs/se_ib.md: H = 2, rho = .5, one row of two groups of 2. z_0 = enc(o_0) has IB (0.130812 + 0) / 2 = 0.065406;
+    # the targets enc(o_1) (uniform, IB 0, weight 1) and enc(o_2) (one-hot, IB ln 2, weight .5):
+    # (0.065406 + 0 + .5 ln 2) / 3 = 0.137327.
+    z0 = jnp.array([[0.75, 0.25, 0.5, 0.5]])
+    next_z = jnp.array([[[0.5, 0.5, 0.5, 0.5]], [[1.0, 0.0, 1.0, 0.0]]])
+    assert float(S.ib_loss(z0, next_z, 0.5, 2)) == pytest.approx(0.137327, abs=1e-6)
+    # Only z_0 carries a gradient: the targets are the encoder's outputs without gradient, as in the consistency loss.
+    grad_z0, grad_next = jax.grad(S.ib_loss, argnums=(0, 1))(z0, next_z, 0.5, 2)
+    assert np.abs(np.asarray(grad_z0)).sum() > 0
+    np.testing.assert_array_equal(grad_next, 0.0)
 
 
 def test_usage_entropy_hand_values():
@@ -110,14 +123,14 @@ def test_gradients_finite_at_one_hot_and_uniform(kind):
     source = S.module_assignment(zs[:-1], simnorm_dim).reshape(-1, simnorm_dim)
     target = S.module_assignment(zs[1:], simnorm_dim).reshape(-1, simnorm_dim)
     grads = [
-        jax.grad(S.ib_loss)(zs, simnorm_dim),
+        jax.grad(S.ib_loss)(zs[0], zs[1:], 0.5, simnorm_dim),
         *jax.grad(S.se_loss_1d, argnums=(0, 1))(source, target),
         *jax.grad(S.se_loss_2d, argnums=(0, 1))(source, target, 2),
     ]
     for g in grads:
         assert np.isfinite(np.asarray(g)).all()
     args = dataclasses.replace(S.Args(), simnorm_dim=simnorm_dim, se_coef=0.1, ib_coef=0.1, se_2d=True)
-    grad = jax.grad(lambda z: S.module_regularisers(args, z)[0])(zs)
+    grad = jax.grad(lambda z: S.module_regularisers(args, z, z[1:])[0])(zs)
     assert np.isfinite(np.asarray(grad)).all()
 
 
@@ -149,33 +162,52 @@ class LinearNets:
 
 
 def world_model_loss_at(args: S.Args):
+    """(loss, (zs, info)), grads of world_model_loss on fixed random data, and the consistency targets next_z."""
     nets = LinearNets(args)
     params = nets.init(jax.random.key(0))
     k_obs, k_act = jax.random.split(jax.random.key(1))
     obs = jax.random.normal(k_obs, (args.horizon + 1, 6, 5))
     action = jax.random.uniform(k_act, (args.horizon, 6, 2), minval=-1, maxval=1)
     zeros = jnp.zeros((args.horizon, 6))
-    loss = lambda p: S.world_model_loss(nets, p, obs, action, zeros, zeros, nets.encode(params, obs[1:]), None)
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    next_z = nets.encode(params, obs[1:])
+    loss = lambda p: S.world_model_loss(nets, p, obs, action, zeros, zeros, next_z, None)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params), next_z
+
+
+def ib_by_hand(z0, next_z, rho: float, simnorm_dim: int) -> float:
+    """docs/se_ib.md's IB in plain numpy: mean KL to uniform of enc(o_0)'s groups plus the rho^t-weighted ones of the
+    targets, over H+1."""
+    def kl(z):
+        p = np.maximum(np.asarray(z, np.float64).reshape(*z.shape[:-1], -1, simnorm_dim), 1e-8)
+        return float(np.mean(np.sum(p * np.log(p * simnorm_dim), axis=-1)))
+
+    horizon = len(next_z)
+    return (kl(z0) + sum(rho**t * kl(next_z[t]) for t in range(horizon))) / (horizon + 1)
 
 
 def test_regularisers_added_to_world_model_loss():
     base = S.resolve_args(S.Args(latent_dim=16))
-    (off, (zs, info_off)), grads_off = world_model_loss_at(base)
+    ((off, (zs, info_off)), grads_off), next_z = world_model_loss_at(base)
     assert "se" not in info_off and "ib" not in info_off
     for se_2d in [False, True]:
         args = dataclasses.replace(base, se_coef=0.3, ib_coef=0.2, se_2d=se_2d, num_super_modules=4)
-        (on, (zs_on, info)), grads = world_model_loss_at(args)
+        ((on, (zs_on, info)), grads), _ = world_model_loss_at(args)
         np.testing.assert_array_equal(zs_on, zs)  # same parameters and data, same rollout
-        # By hand from the rollout: source = steps 0..H-1, target = steps 1..H, flattened over steps and batch.
+        # SE from the rollout: source = steps 0..H-1, target = steps 1..H, flattened over steps and batch.
         assignment = S.module_assignment(zs, 8)
         source, target = assignment[:-1].reshape(-1, 8), assignment[1:].reshape(-1, 8)
         se = S.se_loss_2d(source, target, 4) if se_2d else S.se_loss_1d(source, target)
         assert float(info["se"]) == pytest.approx(float(se), rel=1e-5)
-        assert float(info["ib"]) == pytest.approx(float(S.ib_loss(zs, 8)), rel=1e-5)
+        # IB from the encoder latent z_0 = zs[0] and the consistency targets, weighted rho^t (rho = .5), over H+1.
+        assert float(info["ib"]) == pytest.approx(ib_by_hand(zs[0], next_z, 0.5, 8), rel=1e-5)
         assert float(on) == pytest.approx(float(off) + 0.3 * float(se) + 0.2 * float(info["ib"]), rel=1e-5)
-        for name in ["encoder", "dynamics"]:  # the regularisers shape both the encoder and the dynamics
+        for name in ["encoder", "dynamics"]:  # SE shapes both the encoder and the dynamics
             assert not np.allclose(grads[name], grads_off[name])
+    # IB alone reaches only the encoder: its latents are z_0 and the targets, none of them from the dynamics.
+    ((_, (_, info)), grads), _ = world_model_loss_at(dataclasses.replace(base, ib_coef=0.2))
+    assert "se" not in info
+    assert not np.allclose(grads["encoder"], grads_off["encoder"])
+    np.testing.assert_allclose(grads["dynamics"], grads_off["dynamics"], rtol=1e-6, atol=1e-9)
 
 
 def test_off_traces_the_tdmpc2_graph():
