@@ -1,12 +1,14 @@
 """TD-MPC-Glass in JAX on MuJoCo Playground (MJX): TD-MPC2 plus Glass, one self-contained file.
 
 TD-MPC2 exactly as in `tdmpc2_jax.py` (faithful to the official code by default), plus Glass: learnable
-prototypes and a prototype-to-cluster assignment trained with the 2D structural entropy of the prototype transition
-graph of the world model's latent rollouts, with balance and temporal terms, a warm-up / every-k / off-step schedule
-gated inside jit, and cluster diagnostics at every evaluation. With every Glass weight 0 (or `--glass-off-step 0`)
-a run is the TD-MPC2 run of the same seed; with `--glass-stopgrad-graph` (default) Glass trains only its own
-parameters, so the agent stays the TD-MPC2 agent while the shared gradient clip does not bind.
-Docs and implementation details: README.md, section "tdmpc_glass_jax.py: TD-MPC-Glass".
+prototypes and a prototype-to-cluster assignment trained with the 2D structural entropy (Li & Pan, 2016) of the
+prototype transition graph of the world model's latent rollouts, with balance and temporal terms, a warm-up / every-k /
+off-step schedule gated inside jit, and cluster diagnostics at every evaluation. With every Glass weight 0 (or
+`--glass-off-step 0`) a run is the TD-MPC2 run of the same seed; with `--glass-stopgrad-graph` (default) Glass trains
+only its own parameters, so the agent stays the TD-MPC2 agent while the shared gradient clip does not bind.
+Extras, off by default and not part of Glass: latent action smoothing in the policy loss and an eval-time
+planner/actor arbitration column, two experiments of the predecessor code (helios-rl).
+Every formula, the recipes of the predecessor runs and the logged metrics: docs/glass.md.
 """
 
 import dataclasses
@@ -71,7 +73,7 @@ class Args:
     log_freq: int = 10_000
     """env steps between progress lines and TensorBoard points (one jitted chunk of vector steps)"""
     collect_policy: Literal["mppi", "pi"] = "mppi"
-    """how training data is collected: MPPI (official) or a policy sample plus Gaussian noise (seed code)"""
+    """how training data is collected: MPPI (official) or a policy sample plus Gaussian noise (helios-rl)"""
     collect_noise: float = 0.3
     """std of the Gaussian noise added to policy samples with --collect-policy pi"""
     buffer_size: int = 1_000_000
@@ -147,16 +149,15 @@ class Args:
     temperature: float = 0.5
     """MPPI temperature"""
 
-    # Glass (defaults: the seeds' Phase-1b recipe; all step counts in env steps)
+    # Glass (defaults: the base recipe of the predecessor code glass-jax / helios-rl; all step counts in env steps)
     glass_lambda_se: float = 5e-3
-    """weight of the 2D structural entropy H2(A, S) of the prototype transition graph (also weights the
-    super-cluster H2 with --glass-num-super-clusters)"""
+    """weight of the 2D structural entropy H2(A, S) of the prototype transition graph"""
     glass_lambda_balance: float = 1e-2
-    """weight of the one-sided balance hinges on cluster and prototype mass (and on super-cluster mass)"""
+    """weight of the one-sided balance hinges on cluster and prototype mass"""
     glass_lambda_temporal: float = 1e-3
     """weight of the cluster-level temporal term mean ||S^T c_src - sg(S^T c_next)||^2"""
     glass_lambda_temp_stability: float = 0.0
-    """weight of mean(1 - cos(c_src S, c_next S)) (the seed code's temp-stability; phasei9q used 0.01)"""
+    """weight of the temp-stability term mean(1 - cos(c_src S, c_next S))"""
     glass_proto_temperature: float = 0.7
     """softmax temperature of the cosine assignment of latents to prototypes"""
     glass_assign_temperature: float = 1.0
@@ -174,11 +175,18 @@ class Args:
     glass_off_step: Optional[int] = None
     """no Glass loss from this env step on (unset = never; 0 = Glass off, the run is the TD-MPC2 run)"""
     glass_stopgrad_graph: bool = True
-    """stop the gradient into the rollout latents: Glass trains only its prototypes and assignment logits"""
+    """stop the gradient into the rollout latents: Glass trains only its prototypes and assign_logits"""
     glass_num_super_clusters: Optional[int] = None
     """hierarchical Glass: group the K clusters into this many super-clusters (unset = off)"""
+    glass_lambda_super_se: float = 0.0
+    """weight of the super-cluster H2(A, S_super) (needs --glass-num-super-clusters)"""
+    glass_lambda_super_balance: float = 0.0
+    """weight of the one-sided hinge on super-cluster mass (needs --glass-num-super-clusters)"""
+
+    # Extras, off by default: two experiments of the predecessor code that are not part of Glass
     latent_smooth_coef: float = 0.0
-    """weight of the latent action smoothing mean ||tanh mu_pi(z_t+1) - tanh mu_pi(z_t)||^2 in the policy loss"""
+    """weight of the latent action smoothing mean ||tanh mu_pi(z_t+1) - tanh mu_pi(z_t)||^2 over z_0..z_H-1, added
+    to the policy loss"""
     latent_smooth_start_step: int = 0
     """env step from which latent action smoothing applies"""
     arbitration_margin: Optional[float] = None
@@ -329,6 +337,7 @@ def running_scale_update(scale, q, tau: float):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Glass math: soft prototype assignment, prototype transition graph, 2D structural entropy, balance, diagnostics
+# (every formula, with worked values: docs/glass.md, "The Glass loss")
 # ---------------------------------------------------------------------------------------------------------------------
 def unit_rows(x):
     return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
@@ -355,7 +364,9 @@ def log2_clipped(p):
 def structural_entropy_2d(A, S):
     """2D structural entropy in bits of the graph A (N, N) under the soft partition S (N, K) (rows: probabilities):
     -sum_k (g_k/2m) log2(V_k/2m) + H1 + sum_k (V_k/2m) log2(V_k/2m), V = d^T S the cluster volumes,
-    g_k = V_k - (S^T A S)_kk the weight leaving cluster k, H1 the 1D structural entropy -sum_i (d_i/2m) log2(d_i/2m)."""
+    g_k = V_k - (S^T A S)_kk the weight leaving cluster k, H1 the 1D structural entropy -sum_i (d_i/2m) log2(d_i/2m).
+    For a hard partition this is the two-level encoding-tree entropy of Li & Pan, "Structural Information and
+    Dynamical Complexity of Networks", IEEE Trans. Inf. Theory 62(6), 2016; S relaxes it to soft memberships."""
     degree = A.sum(axis=-1)
     two_m = degree.sum()
     volume = degree @ S
@@ -393,10 +404,12 @@ def glass_graph(glass_params, z_src, z_next, args: Args) -> dict:
     return graph
 
 
-def glass_loss(glass_params, z_src, z_next, args: Args):
-    """L_glass = l_se H2(A, S) + l_bal balance + l_tmp temporal + l_ts temp-stability (+ l_se H2(A, S_super)
-    + l_bal super hinge). Returns (loss, parts); the parts are unweighted."""
-    g = glass_graph(glass_params, z_src, z_next, args)
+def glass_loss(graph: dict, args: Args):
+    """L_glass = l_se H2(A, S) + l_bal balance + l_tmp temporal + l_ts temp-stability, plus with super-clusters
+    l_sse H2(A, S_super) + l_sbal super hinge. H2 is the 2D structural entropy of Li & Pan (IEEE Trans. Inf. Theory
+    2016); the other terms are the predecessor code's (glass-jax / helios-rl). Returns (loss, parts); the parts are
+    unweighted. `graph` is glass_graph's output."""
+    g = graph
     s_src, s_next = g["c_src"] @ g["S"], g["c_next"] @ g["S"]  # cluster-level assignments (M, K)
     parts = {
         "se": structural_entropy_2d(g["A"], g["S"]),
@@ -410,20 +423,22 @@ def glass_loss(glass_params, z_src, z_next, args: Args):
     if "S_super" in g:
         parts["super_se"] = structural_entropy_2d(g["A"], g["S_super"])
         parts["super_balance"] = mass_hinge(g["S_super"].mean(axis=0))
-        loss = loss + args.glass_lambda_se * parts["super_se"] + args.glass_lambda_balance * parts["super_balance"]
+        loss = (loss + args.glass_lambda_super_se * parts["super_se"]
+                + args.glass_lambda_super_balance * parts["super_balance"])
     return loss, parts
 
 
 def glass_diagnostics(S, P) -> dict:
     """Active clusters #{k: mass_k > 0.05/K}, cluster-mass entropy (nats), max cluster mass and the cut mass
-    sum_ij P_ij [argmax S_i != argmax S_j] (P's rows sum to 1, so divide by N for the fraction of transitions)."""
+    sum_ij P_ij [argmax S_i != argmax S_j] / N: P's N rows each sum to 1, so this is the fraction of transitions
+    that cross a cluster boundary, in [0, 1]."""
     mass = S.mean(axis=0)
     label = jnp.argmax(S, axis=-1)
     return {
         "active_clusters": jnp.sum(mass > 0.05 / S.shape[-1]),
         "cluster_entropy": -jnp.sum(mass * jnp.log(jnp.clip(mass, 1e-8, 1.0))),
         "max_mass": mass.max(),
-        "cut_mass": jnp.sum(P * (label[:, None] != label[None, :])),
+        "cut_mass": jnp.sum(P * (label[:, None] != label[None, :])) / P.shape[0],
     }
 
 
@@ -436,16 +451,21 @@ def cluster_label(z, prototypes, S):
 def glass_enabled(args: Args) -> bool:
     """Decided in Python: when False the loss is built without any Glass op, so the traced program is TD-MPC2's."""
     weights = [args.glass_lambda_se, args.glass_lambda_balance, args.glass_lambda_temporal,
-               args.glass_lambda_temp_stability]
+               args.glass_lambda_temp_stability, args.glass_lambda_super_se, args.glass_lambda_super_balance]
     return any(w > 0 for w in weights) and args.glass_off_step != 0
 
 
-def glass_schedule(args: Args, env_step, update_index):
-    """Traced gate of the Glass loss: warm-up <= env_step < off-step, on every k-th update (no recompilation)."""
-    on = (env_step >= args.glass_warmup_steps) & (update_index % args.glass_every_k_updates == 0)
+def glass_active(args: Args, env_step):
+    """Whether Glass is on at `env_step` (traced or not): enabled and warm-up <= env_step < off-step."""
+    on = glass_enabled(args) & (env_step >= args.glass_warmup_steps)
     if args.glass_off_step is not None:
         on = on & (env_step < args.glass_off_step)
     return on
+
+
+def glass_schedule(args: Args, env_step, update_index):
+    """Traced gate of the Glass loss: active at env_step and on every k-th update (no recompilation)."""
+    return glass_active(args, env_step) & (update_index % args.glass_every_k_updates == 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -613,8 +633,9 @@ def td_targets(nets: Networks, agent: AgentState, next_z, reward, terminated, di
 
 
 def world_model_loss(nets: Networks, wm_params, obs, action, reward, td_target, next_z, dropout_key, glass_gate):
-    """Consistency + reward + value losses over the H-step latent rollout, step t weighted rho^t, plus the Glass loss
-    on the rollout latents (z_0..z_H-1 -> z_1..z_H) where the traced `glass_gate` is open."""
+    """Consistency + reward + value losses over the H-step latent rollout, step t weighted rho^t (the world-model
+    objective of TD-MPC2, Hansen, Su & Wang, ICLR 2024, Sec. 3.1), plus the Glass loss on the rollout latents
+    (z_0..z_H-1 -> z_1..z_H) where the traced `glass_gate` is open."""
     a = nets.args
     horizon = action.shape[0]
     rho = a.rho ** jnp.arange(horizon)
@@ -638,7 +659,7 @@ def world_model_loss(nets: Networks, wm_params, obs, action, reward, td_target, 
     if glass_enabled(a):
         # lax.cond: a closed gate skips the Glass forward and backward pass instead of multiplying it by 0.
         z_src, z_next = (x.reshape(-1, x.shape[-1]) for x in (zs[:-1], zs[1:]))
-        glass = jax.lax.cond(glass_gate, lambda: glass_loss(wm_params["glass"], z_src, z_next, a)[0],
+        glass = jax.lax.cond(glass_gate, lambda: glass_loss(glass_graph(wm_params["glass"], z_src, z_next, a), a)[0],
                              lambda: jnp.zeros(()))
         total = total + glass
         info["glass_loss"] = glass
@@ -646,8 +667,9 @@ def world_model_loss(nets: Networks, wm_params, obs, action, reward, td_target, 
 
 
 def policy_loss(nets: Networks, pi_params, wm_params, zs, scale, key, env_step):
-    """mean_t rho^t * mean_B(entropy_coef * log_pi - Q/S), Q = mean of two random online heads (with dropout);
-    plus latent action smoothing from its start step when its coefficient is set."""
+    """mean_t rho^t * mean_B(entropy_coef * log_pi - Q/S), Q = mean of two random online heads (with dropout), the
+    policy objective of TD-MPC2 (Hansen, Su & Wang, ICLR 2024, Sec. 3.1); plus the extra latent action smoothing
+    c * mean ||tanh mu_pi(z_t+1) - tanh mu_pi(z_t)||^2 over z_0..z_H-1 from its start step when c > 0."""
     a = nets.args
     k_pi, k_heads, k_dropout = jax.random.split(key, 3)
     mean_action, action, log_prob = nets.pi(pi_params, zs, k_pi)
@@ -658,8 +680,10 @@ def policy_loss(nets: Networks, pi_params, wm_params, zs, scale, key, env_step):
     loss = jnp.mean(rho * jnp.mean(a.entropy_coef * log_prob - q / scale, axis=1))
     info = {"pi_loss": loss, "pi_log_prob": log_prob.mean(), "pi_scale": scale}
     if a.latent_smooth_coef > 0:
-        # Along the (detached) rollout; the mean action is already computed, so this costs no extra forward pass.
-        smooth = jnp.mean(jnp.sum((mean_action[1:] - mean_action[:-1]) ** 2, axis=-1))
+        # Along the detached rollout latents z_0..z_H-1 (not z_H), as the predecessor code does; the mean action is
+        # already computed, so this costs no extra forward pass.
+        rollout_action = mean_action[:-1]
+        smooth = jnp.mean(jnp.sum((rollout_action[1:] - rollout_action[:-1]) ** 2, axis=-1))
         loss = loss + jnp.where(env_step >= a.latent_smooth_start_step, a.latent_smooth_coef, 0.0) * smooth
         info = {**info, "pi_loss": loss, "pi_smooth_loss": smooth}
     return loss, (scale, info)
@@ -956,8 +980,9 @@ class Trainer:
         (_, _, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(k_steps, venv.max_agent_steps))
         return total[:num].mean(), total[num:].mean()
 
-    def glass_report(self, agent: AgentState, buffer: ReplayBuffer, key):
-        """Glass on one buffer batch of rollout latents, as the loss sees them: (batch available, scalars: the
+    def glass_report(self, agent: AgentState, buffer: ReplayBuffer, key, env_step):
+        """Glass at `env_step` on one buffer batch of rollout latents, as the loss sees them, whether or not the
+        schedule has Glass on: (whether Glass is active at env_step, whether the buffer holds a batch, scalars: the
         unweighted loss parts, the weighted loss and the diagnostics, the graph's P, A and S matrices)."""
         a, nets = self.args, self.nets
         valid_cumsum = jnp.cumsum(valid_starts(buffer, a.horizon).reshape(-1))
@@ -966,11 +991,11 @@ class Trainer:
         _, (zs, _) = world_model_loss(nets, agent.wm_params, obs, action, reward, reward,
                                       nets.encode(agent.wm_params, obs[1:]), None, jnp.array(False))
         z_src, z_next = (x.reshape(-1, x.shape[-1]) for x in (zs[:-1], zs[1:]))
-        loss, parts = glass_loss(agent.wm_params["glass"], z_src, z_next, a)
         graph = glass_graph(agent.wm_params["glass"], z_src, z_next, a)
+        loss, parts = glass_loss(graph, a)
         scalars = {**parts, "loss": loss, **glass_diagnostics(graph["S"], graph["P"])}
         matrices = {k: graph[k] for k in ("P", "A", "S", "S_super") if k in graph}
-        return valid_cumsum[-1] > 0, scalars, matrices
+        return glass_active(a, env_step), valid_cumsum[-1] > 0, scalars, matrices
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1000,8 +1025,9 @@ def resolve_args(args: Args) -> Args:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     glass_nonnegative = ["glass_lambda_se", "glass_lambda_balance", "glass_lambda_temporal",
-                         "glass_lambda_temp_stability", "glass_assign_init_scale", "glass_warmup_steps",
-                         "glass_off_step", "latent_smooth_coef", "latent_smooth_start_step", "arbitration_margin"]
+                         "glass_lambda_temp_stability", "glass_lambda_super_se", "glass_lambda_super_balance",
+                         "glass_assign_init_scale", "glass_warmup_steps", "glass_off_step", "latent_smooth_coef",
+                         "latent_smooth_start_step", "arbitration_margin"]
     for name in ["pretrain_updates", "num_pi_trajs", "collect_noise", "entropy_coef", "dropout"] + glass_nonnegative:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
@@ -1031,6 +1057,9 @@ def resolve_args(args: Args) -> Args:
         (args.glass_num_super_clusters is None or 2 <= args.glass_num_super_clusters <= args.glass_num_clusters,
          f"--glass-num-super-clusters must be between 2 and --glass-num-clusters ({args.glass_num_clusters}), "
          f"got {args.glass_num_super_clusters}"),
+        (args.glass_num_super_clusters is not None
+         or args.glass_lambda_super_se == args.glass_lambda_super_balance == 0,
+         "--glass-lambda-super-se and --glass-lambda-super-balance need --glass-num-super-clusters"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1098,8 +1127,10 @@ class EvalLog:
 
 
 def write_glass_report(run_dir: Path, writer, report, step: int):
-    """glass/<name> TensorBoard scalars and glass/P_S_step{step}.npz; skipped while the buffer holds no sequence."""
-    available, scalars, matrices = jax.device_get(report)
+    """glass/active (1 while the schedule has Glass on, else 0) at every evaluation; the other glass/<name> scalars
+    and glass/P_S_step{step}.npz once the buffer holds whole sequences (every evaluation but the one at step 0)."""
+    active, available, scalars, matrices = jax.device_get(report)
+    writer.add_scalar("glass/active", float(active), step)
     if not available:
         return
     for name, value in scalars.items():
@@ -1184,7 +1215,8 @@ def train(args: Args) -> Path:
             for mode, value in returns.items():
                 writer.add_scalar(f"eval/return_{mode}", value, step)
             k_glass = jax.random.fold_in(k_eval, GLASS_KEY_DATA)
-            write_glass_report(run_dir, writer, glass_report(carry.agent, carry.buffer, k_glass), step)
+            report = glass_report(carry.agent, carry.buffer, k_glass, jnp.int32(step))
+            write_glass_report(run_dir, writer, report, step)
             while next_eval <= step:
                 next_eval += args.eval_freq
         if step >= args.total_steps:

@@ -7,7 +7,7 @@ env step before the warm-up: the gate is closed on every update); Glass on every
 --glass-every-k-updates 4); Glass on every update (--glass-every-k-updates 1). The env step is a traced argument, as in
 training, so the gate is never constant-folded. Observation and action sizes are HopperHop's (15, 4); no env is
 stepped. Each timing runs `--updates` updates in one jitted fori_loop after one compiling call; the variants take
-turns within every repeat, so load from other processes hits them alike. Numbers go into README.md by hand.
+turns within every repeat, so load from other processes hits them alike. Numbers go into docs/glass.md by hand.
 """
 
 import argparse

@@ -1,5 +1,6 @@
 """tdmpc_glass_jax.py: Glass math against hand-computed graphs, the schedule, parity with tdmpc2_jax.py (Glass off:
-the same run; Glass on with stopgrad: the same agent), the user's command, bad input and learning on CartpoleBalance.
+the same run; Glass on with stopgrad: the same agent), the extras, a short run's diagnostics, bad input and learning on
+CartpoleBalance. The worked values are those of docs/glass.md.
 """
 
 import math
@@ -21,7 +22,7 @@ from conftest import (
 import tdmpc2_jax as T
 import tdmpc_glass_jax as G
 
-# Two triangles {0,1,2} and {3,4,5} joined by the edge 2-3, unit weights, no self-loops (REFERENCE.md §2).
+# Two triangles {0,1,2} and {3,4,5} joined by the edge 2-3, unit weights, no self-loops (docs/glass.md).
 TRIANGLES = [(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (4, 5), (2, 3)]
 
 
@@ -110,11 +111,16 @@ def test_glass_diagnostics_hand_made():
     S = jnp.array([[0.98, 0.01, 0.01], [0.98, 0.01, 0.01], [0.01, 0.98, 0.01], [0.01, 0.98, 0.01]])
     P = jnp.array([[0.7, 0.2, 0.1, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.3, 0.6, 0.1], [0.25, 0.25, 0.25, 0.25]])
     d = {k: float(v) for k, v in jax.jit(G.glass_diagnostics)(S, P).items()}
-    # Masses (0.495, 0.495, 0.01): the third is below 0.05/3. Labels (0, 0, 1, 1): cut = 0.1 + 0 + 0.3 + 0.5.
+    # Masses (0.495, 0.495, 0.01): the third is below 0.05/3. Labels (0, 0, 1, 1): the rows put 0.1, 0, 0.3 and 0.5
+    # on the other cluster, so (0.1 + 0 + 0.3 + 0.5) / 4 prototypes = 0.225 of the transitions cross a boundary.
     assert d["active_clusters"] == 2
     assert d["cluster_entropy"] == pytest.approx(-2 * 0.495 * math.log(0.495) - 0.01 * math.log(0.01), rel=1e-5)
     assert d["max_mass"] == pytest.approx(0.495, rel=1e-5)
-    assert d["cut_mass"] == pytest.approx(0.9, rel=1e-5)
+    assert d["cut_mass"] == pytest.approx(0.225, rel=1e-5)
+    one_cluster = jnp.array([[0.9, 0.1]] * 4)  # nothing crosses a boundary; a permutation P: everything does
+    assert float(G.glass_diagnostics(one_cluster, P)["cut_mass"]) == 0.0
+    swap = jnp.array([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    assert float(G.glass_diagnostics(S, swap)["cut_mass"]) == pytest.approx(1.0)
 
 
 def test_cluster_label_nearest_prototype_then_partition():
@@ -131,7 +137,7 @@ def test_glass_loss_parts_hand_values():
                   glass_lambda_temporal=3.0, glass_lambda_temp_stability=4.0)
     params = {"prototypes": jnp.eye(2), "assign_logits": jnp.array([[30.0, -30.0], [-30.0, 30.0]])}
     z_src, z_next = jnp.eye(2), jnp.array([[1.0, 0.0], [1.0, 0.0]])
-    loss, parts = jax.jit(lambda p, a, b: G.glass_loss(p, a, b, args))(params, z_src, z_next)
+    loss, parts = jax.jit(lambda p, a, b: G.glass_loss(G.glass_graph(p, a, b, args), args))(params, z_src, z_next)
     assert float(parts["temporal"]) == pytest.approx(1.0, abs=1e-4)
     assert float(parts["temp_stability"]) == pytest.approx(0.5, abs=1e-4)
     assert float(parts["balance"]) == pytest.approx(0.0, abs=1e-6)  # masses 1/2 = 2/K exactly: the hinge is off
@@ -144,12 +150,39 @@ def test_glass_loss_parts_hand_values():
     assert float(loss) == pytest.approx(0.5 * h2 + 3.0 * 1.0 + 4.0 * 0.5, abs=2e-3)
 
 
+def test_super_cluster_terms_have_their_own_weights():
+    # Three prototypes, each its own cluster (S ~ I); every source goes to prototype 0: counts [[1,0,0]] * 3 + 1e-4,
+    # so A ~ [[1, .5, .5], [.5, 0, 0], [.5, 0, 0]], d = (2, .5, .5), 2m = 3. All clusters go to super-cluster 0:
+    # one super-cluster holds everything, so H2(A, S_super) = H1 and its mass hinge is (1 - 2/3)^2 = 1/9.
+    # The flat terms: H2(A, S) = -(1/3 log2 2/3 + 2 (1/6) log2 1/6) (g = (1, .5, .5)), balance 0 (masses 1/3 < 2/3).
+    sharp = 30.0 * (2 * jnp.eye(3) - 1)
+    params = {"prototypes": jnp.eye(3), "assign_logits": sharp,
+              "super_assign_logits": jnp.array([[30.0, -30.0, -30.0]] * 3)}
+    z_src, z_next = jnp.eye(3), jnp.array([[1.0, 0.0, 0.0]] * 3)
+    weights = dict(glass_lambda_se=0.5, glass_lambda_balance=7.0, glass_lambda_temporal=0.0)
+    h1 = -(2 / 3 * math.log2(2 / 3) + 2 / 6 * math.log2(1 / 6))
+    se = -(1 / 3 * math.log2(2 / 3) + 2 / 6 * math.log2(1 / 6))
+
+    def loss_and_parts(**overrides):
+        args = G.Args(glass_proto_temperature=1e-3, glass_num_super_clusters=3, **weights, **overrides)
+        return jax.jit(lambda p: G.glass_loss(G.glass_graph(p, z_src, z_next, args), args))(params)
+
+    loss, parts = loss_and_parts(glass_lambda_super_se=2.0, glass_lambda_super_balance=3.0)
+    assert float(parts["super_se"]) == pytest.approx(h1, abs=1e-3)
+    assert float(parts["super_balance"]) == pytest.approx(1 / 9, abs=1e-4)
+    assert float(parts["se"]) == pytest.approx(se, abs=1e-3) and float(parts["balance"]) == 0.0
+    assert float(loss) == pytest.approx(0.5 * se + 2.0 * h1 + 3.0 / 9, abs=5e-3)
+    loss_default, _ = loss_and_parts()  # super weights default to 0: the super terms are computed, not added
+    assert float(loss_default) == pytest.approx(0.5 * se, abs=1e-3)
+
+
 def test_stopgrad_graph_blocks_the_latent_gradient():
     z_src = jax.random.normal(jax.random.key(3), (24, 16))
     z_next = jax.random.normal(jax.random.key(4), (24, 16))
     params = G.Networks(G.resolve_args(G.Args(latent_dim=16)), 3, 1).glass_init(jax.random.key(5))
     def grads(stop):  # d loss / d z_src, d loss / d z_next
-        loss = lambda a, b: G.glass_loss(params, a, b, G.Args(glass_stopgrad_graph=stop))[0]
+        args = G.Args(glass_stopgrad_graph=stop)
+        loss = lambda a, b: G.glass_loss(G.glass_graph(params, a, b, args), args)[0]
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(z_src, z_next)
 
     (src_stop, next_stop), (src_free, next_free) = grads(True), grads(False)
@@ -166,6 +199,9 @@ def test_schedule_gate():
         assert bool(gate(step, i)) == on, (step, i)
     never_off = G.Args(glass_warmup_steps=0, glass_every_k_updates=1)
     assert bool(G.glass_schedule(never_off, jnp.int32(2**30), 7))
+    active = {99: False, 100: True, 999: True, 1000: False}  # the window alone, whatever the update index
+    assert {step: bool(G.glass_active(args, jnp.int32(step))) for step in active} == active
+    assert not bool(G.glass_active(G.Args(glass_off_step=0), jnp.int32(500_000)))
 
 
 def test_glass_enabled_is_static_off_with_zero_weights_or_off_step_zero():
@@ -173,6 +209,7 @@ def test_glass_enabled_is_static_off_with_zero_weights_or_off_step_zero():
     assert G.glass_enabled(G.Args())
     assert not G.glass_enabled(G.Args(**zero))
     assert G.glass_enabled(G.Args(**zero, glass_lambda_temp_stability=0.01))
+    assert G.glass_enabled(G.Args(**zero, glass_num_super_clusters=2, glass_lambda_super_se=5e-3))
     assert not G.glass_enabled(G.Args(glass_off_step=0))
 
 
@@ -240,8 +277,8 @@ def test_initial_agent_is_tdmpc2s(tdmpc2_updates, glass_update):
 
 @same_worker
 def test_stopgrad_glass_agent_equals_tdmpc2_agent(tdmpc2_updates, glass_update):
-    """REFERENCE.md §2: with stopgrad_graph the Glass loss reaches only prototypes and assign_logits; while the shared
-    clip does not bind, the agent after N updates is exactly the TD-MPC2 agent."""
+    """docs/glass.md, "What stopgrad_graph means": with stopgrad_graph the Glass loss reaches only prototypes and
+    assign_logits; while the shared clip does not bind, the agent after N updates is exactly the TD-MPC2 agent."""
     _, expected, tdmpc2_infos = tdmpc2_updates
     update, agent = glass_update
     glass_agent, infos = run(update, agent, 6, 500)  # inside [warm-up, off-step): Glass on at every update
@@ -274,6 +311,24 @@ def test_schedule_zero_before_warmup_and_after_off_step_without_recompiling(glas
     assert update._cache_size() == 1  # one compiled program for every env step
 
 
+# --- extras ---
+def test_latent_smoothing_runs_over_the_rollout_latents_before_the_last():
+    """The smoothing term compares the policy's mean actions at z_0..z_H-1 only: a change of z_H leaves it at 0 when
+    z_0..z_H-1 are equal, a change of z_1 does not; before its start step it adds nothing to the policy loss."""
+    args = G.resolve_args(G.Args(**SMALL, latent_smooth_coef=1.0, latent_smooth_start_step=100))
+    nets = G.Networks(args, OBS_DIM, ACTION_DIM)
+    wm_params, pi_params = nets.init(jax.random.key(0))
+    z = jax.random.normal(jax.random.key(1), (5, args.latent_dim))  # H + 1 = 4 rollout latents, batch 2
+    loss = jax.jit(lambda zs, env_step: G.policy_loss(nets, pi_params, wm_params, zs, jnp.ones(()),
+                                                      jax.random.key(2), env_step)[1][1])
+    smooth = lambda *latents: float(loss(jnp.stack([jnp.stack([x, x]) for x in latents]), 100)["pi_smooth_loss"])
+    assert smooth(z[0], z[0], z[0], z[3]) == 0.0
+    assert smooth(z[0], z[1], z[0], z[0]) > 0.0
+    zs = jnp.stack([jnp.stack([x, x]) for x in (z[0], z[1], z[2], z[3])])
+    before, after = loss(zs, 99), loss(zs, 100)
+    assert float(after["pi_loss"]) == pytest.approx(float(before["pi_loss"]) + float(after["pi_smooth_loss"]))
+
+
 def test_every_args_field_is_used():
     assert unused_args_fields("tdmpc_glass_jax.py") == []
 
@@ -290,6 +345,10 @@ def test_every_args_field_is_used():
         (dict(glass_lambda_se=-1e-3), "--glass-lambda-se must not be negative"),
         (dict(glass_num_super_clusters=9), "--glass-num-super-clusters must be between 2 and --glass-num-clusters (8)"),
         (dict(glass_every_k_updates=0), "--glass-every-k-updates must be positive"),
+        (dict(glass_lambda_super_se=5e-3), "--glass-lambda-super-se and --glass-lambda-super-balance need "
+                                          "--glass-num-super-clusters"),
+        (dict(glass_num_super_clusters=2, glass_lambda_super_balance=-1.0),
+         "--glass-lambda-super-balance must not be negative"),
     ],
 )
 def test_resolve_args_refuses_impossible_glass_settings(overrides, message):
@@ -321,28 +380,33 @@ def test_glass_off_run_is_the_tdmpc2_run(tdmpc2_tiny_run, tmp_path):
     assert "losses/glass_loss" not in got
 
 
-def test_user_command_runs_and_writes_diagnostics(tmp_path):
-    """The user's `--k-update 128 --glass-off-step 1000000` with the tiny model, Glass from env step 200, and the
-    optional terms on so that one run exercises them all."""
-    run_dir = tmp_path / "user"
-    flags = ["--k-update", "128", "--glass-off-step", "1000000", "--glass-warmup-steps", "200",
-             "--glass-num-super-clusters", "2", "--latent-smooth-coef", "1e-3", "--arbitration-margin", "10",
-             "--total-steps", "400", "--eval-freq", "200"]
+def test_run_logs_diagnostics_before_during_and_after_glass(tmp_path):
+    """`--k-update 128` with the tiny model and Glass on from env step 400 to 600, evaluated every 200 steps, with
+    every optional term on so that one run exercises them all: glass/active says where Glass was on, the other
+    diagnostics come at every evaluation with whole sequences in the buffer (all but step 0)."""
+    run_dir = tmp_path / "run"
+    flags = ["--k-update", "128", "--glass-warmup-steps", "400", "--glass-off-step", "600",
+             "--glass-num-super-clusters", "2", "--glass-lambda-super-se", "5e-3", "--glass-lambda-super-balance",
+             "1e-2", "--latent-smooth-coef", "1e-3", "--arbitration-margin", "10",
+             "--total-steps", "600", "--eval-freq", "200"]
     run_script("tdmpc_glass_jax.py", *TINY_TDMPC2, *flags, "--run-dir", str(run_dir))
     rows = read_eval(run_dir)
     assert list(rows[0]) == ["step", "wall_time", "return_pi", "return_mppi", "return_arb"]
-    assert [int(r["step"]) for r in rows] == [0, 200, 400]
+    assert [int(r["step"]) for r in rows] == [0, 200, 400, 600]
     for r in rows:
         pi, mppi = float(r["return_pi"]), float(r["return_mppi"])
         assert float(r["return_arb"]) == (mppi if mppi > pi + 10 else pi)
     scalars = read_tb_scalars(run_dir)
+    assert scalars["glass/active"] == [(0, 0.0), (200, 0.0), (400, 1.0), (600, 0.0)]
     for name in ["active_clusters", "cluster_entropy", "max_mass", "cut_mass", "se", "balance", "temporal",
                  "temp_stability", "super_se", "super_balance", "loss"]:
         steps = [s for s, _ in scalars[f"glass/{name}"]]
-        assert steps == [200, 400] and all(np.isfinite(v) for _, v in scalars[f"glass/{name}"]), name
-    assert 1 <= dict(scalars["glass/active_clusters"])[400] <= 8
-    assert scalars["losses/glass_loss"][-1][1] > 0 and "losses/pi_smooth_loss" in scalars
-    with np.load(run_dir / "glass" / "P_S_step400.npz") as f:
+        assert steps == [200, 400, 600] and all(np.isfinite(v) for _, v in scalars[f"glass/{name}"]), name
+    assert 1 <= dict(scalars["glass/active_clusters"])[600] <= 8
+    assert all(0 <= v <= 1 for _, v in scalars["glass/cut_mass"])
+    glass_loss = dict(scalars["losses/glass_loss"])
+    assert glass_loss[400] > 0 and "losses/pi_smooth_loss" in scalars
+    with np.load(run_dir / "glass" / "P_S_step600.npz") as f:
         assert f["P"].shape == (16, 16) and f["S"].shape == (16, 8) and f["S_super"].shape == (16, 2)
         np.testing.assert_allclose(f["P"].sum(-1), 1.0, rtol=1e-5)
 
