@@ -1,17 +1,22 @@
-# plot_ci.py — the seeds' 5-seed comparison table and learning curves with 95% confidence bands.
-# Docs: README.md, section "plot_ci.py"; spec: REFERENCE.md §0 (run folder, metric names) and §5.
+# plot_ci.py — compare families of runs: the 5-seed table (mean, Student-t 95% CI, G1 hits), learning curves with
+# 95% bands, and with --aggregate the across-task analyses of Agarwal et al. (NeurIPS 2021): IQM, mean, median and
+# optimality gap with stratified bootstrap CIs, probabilities of improvement, performance profiles.
+# Docs: docs/plot_ci.md.
 #
-#   python plot_ci.py runs/ [--metric best-any] [--merge phasex_local=phasex] \
-#       [--baseline hopper-hop.csv] [--env-id HopperHop] [--out plots/]
+#   python plot_ci.py runs/ [--metric best-any] [--merge OLD=NEW] [--env-id HopperHop] \
+#       [--baseline data/official_tdmpc2/hopper-hop.csv] [--aggregate] [--compare X Y] [--out plots/]
 #
 # Depends only on numpy, matplotlib and the standard library.
-"""Make the 5-seed comparison table (mean, Student-t 95% CI, G1 hits) and learning curves from run folders."""
+"""Compare families of runs: the 5-seed table (mean, Student-t 95% CI, G1 hits), learning curves with 95% bands, and
+across-task aggregates with stratified bootstrap CIs (IQM, probability of improvement, performance profiles)."""
 
 import argparse
 import csv
 import hashlib
+import itertools
 import json
 import math
+import os
 import re
 import sys
 from collections import defaultdict
@@ -21,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 METRICS = ("best-any", "best-pi", "best-mppi", "final", "strength")
 TDMPC_COLUMNS = ("step", "return_pi", "return_mppi")
@@ -35,90 +40,7 @@ class PlotCIError(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Student's t: quantile from the regularised incomplete beta function (exact to ~1e-12)
-# ---------------------------------------------------------------------------
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """Continued fraction of I_x(a, b) by the modified Lentz method (Numerical Recipes `betacf`)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10_000):
-        for num in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            return h
-    raise ArithmeticError(f"incomplete beta did not converge for a={a}, b={b}, x={x}")
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_upper_tail(t: float, df: float) -> float:
-    """P(T > t) for Student's t with `df` degrees of freedom, t >= 0."""
-    return 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t with `df` degrees of freedom (bisection on the exact CDF)."""
-    if not 0.0 < p < 1.0 or not df > 0:
-        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    tail = 1.0 - p
-    lo, hi = 0.0, 1.0
-    while t_upper_tail(hi, df) > tail:
-        lo, hi = hi, 2.0 * hi
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_upper_tail(mid, df) > tail:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * hi:
-            break
-    return 0.5 * (lo + hi)
-
-
-def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high) of the Student-t interval with n-1 dof; low = high = nan when n = 1."""
-    x = np.asarray(values, dtype=float).ravel()
-    if x.size == 0:
-        raise ValueError("t_interval needs at least one value")
-    mean = float(x.mean())
-    if x.size == 1:
-        return mean, math.nan, math.nan
-    half = t_quantile(0.5 + confidence / 2.0, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return mean, mean - half, mean + half
-
-
-def countable(last_step, metric: float, min_steps: float, g1: float) -> bool:
-    """The seeds' rule: a run counts once it reached `min_steps`, or earlier when its metric is already >= g1."""
-    if last_step is None:
-        return False
-    return bool(last_step >= min_steps or metric >= g1)
-
-
-# ---------------------------------------------------------------------------
-# Reading run folders and baselines
+# Reading run folders and baselines (docs/plot_ci.md, "Run folders")
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Run:
@@ -177,7 +99,7 @@ def _sorted_by_step(columns: dict) -> dict:
 
 
 def read_run(run_dir: Path) -> Run:
-    """Read `run_dir/args.json` and `run_dir/eval.csv` (TD-MPC or PPO format, REFERENCE §0)."""
+    """Read `run_dir/args.json` and `run_dir/eval.csv` (TD-MPC or PPO format)."""
     args_path, eval_path = run_dir / "args.json", run_dir / "eval.csv"
     try:
         args = json.loads(args_path.read_text())
@@ -214,8 +136,12 @@ def load_runs(dirs) -> list[Run]:
     return sorted(runs, key=lambda r: (r.env_id, r.exp_name, r.seed, str(r.path)))
 
 
-def load_baseline(path) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-seed curves (steps, reward) of a CSV in the official TD-MPC2 format `step,reward,seed`."""
+def load_baseline(path, action_repeat: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-seed curves (env steps, reward) of a CSV in the official TD-MPC2 format `step,reward,seed`.
+
+    The official CSVs count agent steps and the official DMC env repeats every action twice, so one of their steps
+    is `action_repeat` = 2 env steps, our unit; pass 1 for a CSV already in env steps.
+    """
     path = Path(path)
     if not path.is_file():
         raise PlotCIError(f"{path}: baseline CSV not found")
@@ -226,12 +152,34 @@ def load_baseline(path) -> list[tuple[np.ndarray, np.ndarray]]:
     for seed in np.unique(cols["seed"]):
         mask = cols["seed"] == seed
         c = _sorted_by_step({"step": cols["step"][mask], "reward": cols["reward"][mask]})
-        curves.append((c["step"], c["reward"]))
+        curves.append((c["step"] * action_repeat, c["reward"]))
     return curves
 
 
+def _name_key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def assign_baselines(paths, env_ids, env_filter=None, action_repeat: int = 2) -> dict:
+    """{env_id: [(label, curves)]}: a baseline goes to --env-id if given, else to the env its file is named after
+    (hopper-hop.csv -> HopperHop), else to the only env present."""
+    out = defaultdict(list)
+    for p in paths or ():
+        curves = load_baseline(p, action_repeat)
+        if env_filter:
+            env = env_filter
+        else:
+            matches = [e for e in env_ids if _name_key(e) == _name_key(Path(p).stem)]
+            if not matches and len(env_ids) != 1:
+                raise PlotCIError(f"{p}: cannot tell which env this baseline belongs to; name the file after the "
+                                  f"env (e.g. hopper-hop.csv) or pass --env-id")
+            env = matches[0] if matches else env_ids[0]
+        out[env].append((f"baseline {Path(p).stem}", curves))
+    return out
+
+
 # ---------------------------------------------------------------------------
-# Metrics (REFERENCE §0): per-row score, then best / final / strength
+# Metrics and the countable rule (docs/plot_ci.md, "Metrics")
 # ---------------------------------------------------------------------------
 def score_curve(run: Run, metric: str) -> np.ndarray:
     """The per-evaluation return the metric is taken over.
@@ -262,8 +210,15 @@ def metric_value(run: Run, metric: str) -> float:
     return float(np.nanmax(curve))
 
 
+def countable(last_step, metric: float, min_steps: float, g1: float) -> bool:
+    """A run counts once it reached `min_steps`, or earlier when its metric is already >= g1."""
+    if last_step is None:
+        return False
+    return bool(last_step >= min_steps or metric >= g1)
+
+
 # ---------------------------------------------------------------------------
-# The table
+# The table (docs/plot_ci.md, "The table")
 # ---------------------------------------------------------------------------
 @dataclass
 class FamilyRow:
@@ -278,6 +233,16 @@ class FamilyRow:
     high: float
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A run that does not count (yet): listed under the table and the aggregates, never averaged in."""
+
+    env_id: str
+    family: str
+    run: Run
+    value: float
+
+
 def parse_merges(items) -> dict:
     """`OLD=NEW` strings -> {OLD: NEW}."""
     merges = {}
@@ -290,7 +255,7 @@ def parse_merges(items) -> dict:
 
 
 def summarize(runs, metric="best-any", min_steps=4_000_000, g1=500.0, g2=600.0, merges=None):
-    """Group runs by (env_id, merged exp_name); return (table rows, non-countable [(family, run, value)])."""
+    """Group runs by (env_id, merged exp_name); return (table rows, non-countable runs as Rejected)."""
     merges = merges or {}
     groups = defaultdict(list)
     for run in runs:
@@ -305,7 +270,7 @@ def summarize(runs, metric="best-any", min_steps=4_000_000, g1=500.0, g2=600.0, 
                 counted.append(run)
                 values.append(value)
             else:
-                rejected.append((env_id, family, run, value))
+                rejected.append(Rejected(env_id, family, run, value))
         mean, low, high = t_interval(values) if values else (math.nan, math.nan, math.nan)
         g1_hits = sum(v >= g1 for v in values)
         rows.append(FamilyRow(env_id, family, counted, values, g1_hits, any(v >= g2 for v in values), mean, low, high))
@@ -327,6 +292,11 @@ def table_cells(row: FamilyRow) -> list[str]:
 TABLE_HEADER = ["Env", "Family", "Runs", "Mean", "95% CI", "G1 hits", "G2", "Values"]
 
 
+def rejected_line(r: Rejected, metric: str) -> str:
+    last = "no evaluation yet" if r.run.last_step is None else f"last step {r.run.last_step:,}"
+    return f"- {r.env_id} / {r.family} seed {r.run.seed}: {last}, {metric} {_num(r.value)} ({r.run.path})"
+
+
 def format_markdown(rows, rejected, metric, min_steps, g1, g2) -> str:
     """The Markdown table, a one-line legend, and the runs that do not count yet."""
     lines = [
@@ -339,9 +309,7 @@ def format_markdown(rows, rejected, metric, min_steps, g1, g2) -> str:
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
     if rejected:
         lines += ["", f"Not countable yet (last step < {min_steps:,.0f} and {metric} < {g1:g}; or no finite return):"]
-        for env_id, family, run, value in rejected:
-            last = "no evaluation yet" if run.last_step is None else f"last step {run.last_step:,}"
-            lines.append(f"- {env_id} / {family} seed {run.seed}: {last}, {metric} {_num(value)} ({run.path})")
+        lines += [rejected_line(r, metric) for r in rejected]
     return "\n".join(lines) + "\n"
 
 
@@ -349,16 +317,13 @@ def write_csv(path: Path, rows) -> None:
     """The table as CSV: one row per (env, family), numbers to one decimal (empty when undefined), values
     separated by spaces, g2 as 0/1."""
     fmt = lambda x: "" if math.isnan(x) else f"{x:.1f}"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["env_id", "family", "runs", "mean", "ci_low", "ci_high", "g1_hits", "g2", "values"])
-        for r in rows:
-            w.writerow([r.env_id, r.family, len(r.values), fmt(r.mean), fmt(r.low), fmt(r.high), r.g1_hits,
-                        int(r.g2_any), " ".join(f"{v:.1f}" for v in r.values)])
+    write_csv_rows(path, ["env_id", "family", "runs", "mean", "ci_low", "ci_high", "g1_hits", "g2", "values"],
+                   [[r.env_id, r.family, len(r.values), fmt(r.mean), fmt(r.low), fmt(r.high), r.g1_hits,
+                     int(r.g2_any), " ".join(f"{v:.1f}" for v in r.values)] for r in rows])
 
 
 # ---------------------------------------------------------------------------
-# Learning curves
+# Learning curves (docs/plot_ci.md, "The curves")
 # ---------------------------------------------------------------------------
 def mean_band(curves, confidence: float = 0.95):
     """Mean and t band of (steps, values) curves on a common grid.
@@ -378,6 +343,27 @@ def mean_band(curves, confidence: float = 0.95):
     return grid, mean, mean - half, mean + half
 
 
+@dataclass(frozen=True)
+class Band:
+    """One line of a curves plot and its rows in curves_{env}.csv: the mean of n curves with its 95% t band."""
+
+    family: str
+    legend: str
+    color: tuple
+    grid: np.ndarray
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    n: int
+    returns: np.ndarray  # every value of the curves, also outside the grid: the y range covers them
+
+
+def make_band(family: str, legend: str, color, curves) -> Band:
+    grid, mean, low, high = mean_band(curves)
+    returns = np.concatenate([values for _, values in curves])
+    return Band(family, legend, color, grid, mean, low, high, len(curves), returns)
+
+
 def family_color(name: str):
     """A colour fixed by the family name alone (md5 hash -> hue, brightness), the same in every plot and run."""
     digest = hashlib.md5(name.encode()).digest()
@@ -385,71 +371,335 @@ def family_color(name: str):
     return tuple(hsv_to_rgb((hue, 0.8, 0.55 + 0.35 * digest[4] / 255)))
 
 
+def env_bands(rows, baselines, metric: str, action_repeat: int) -> list[Band]:
+    """The bands of one env: its baselines (grey, steps converted to env steps), then each family with countable
+    runs."""
+    unit = "env steps" if action_repeat == 1 else f"agent steps ×{action_repeat}"
+    bands = [make_band(label, f"{label} ({unit}, n={len(curves)})", (0.25, 0.25, 0.25), curves)
+             for label, curves in baselines]
+    for row in rows:
+        if row.runs:
+            curves = [(r.steps, score_curve(r, metric)) for r in row.runs]
+            bands.append(make_band(row.family, f"{row.family} (n={len(curves)})", family_color(row.family), curves))
+    return bands
+
+
+def write_curves_csv(path: Path, bands) -> None:
+    """The data behind curves_{env}.png: one row per band and grid step (lo, hi empty when n = 1)."""
+    write_csv_rows(path, ["family", "step", "mean", "lo", "hi", "n"],
+                   [[b.family, f"{s:.0f}" if s == round(s) else f"{s:g}", _csv_num(m), _csv_num(lo), _csv_num(hi),
+                     b.n] for b in bands for s, m, lo, hi in zip(b.grid, b.mean, b.low, b.high, strict=True)])
+
+
 def _steps_label(x, _pos=None) -> str:
     return f"{x / 1e6:g}M" if abs(x) >= 1e6 else (f"{x / 1e3:g}k" if abs(x) >= 1e3 else f"{x:g}")
 
 
-def plot_env(path: Path, env_id: str, rows, baselines, metric: str, g1: float, g2: float) -> None:
-    """curves_{env}.png: per family the mean over countable runs with a 95% band, baselines in grey, G1/G2 lines."""
+def plot_env(path: Path, env_id: str, bands, series: str, g1: float, g2: float) -> None:
+    """curves_{env}.png: per band the mean with its 95% t band (baselines grey), G1/G2 as horizontal lines."""
     fig = Figure(figsize=(8, 5), dpi=110)
     ax = fig.add_subplot()
-    returns = [g1, g2]  # every plotted return, for the y range
-    for label, curves in baselines:
-        returns += [v for _, values in curves for v in values]
-        grid, mean, low, high = mean_band(curves)
-        ax.plot(grid, mean, color="0.25", lw=1.8, label=f"{label} (n={len(curves)})",
-                marker="." if grid.size == 1 else None)
-        ax.fill_between(grid, low, high, color="0.5", alpha=0.25, lw=0)
-    for row in rows:
-        if not row.runs:
-            continue
-        curves = [(r.steps, score_curve(r, metric)) for r in row.runs]
-        returns += [v for _, values in curves for v in values]
-        grid, mean, low, high = mean_band(curves)
-        color = family_color(row.family)
-        ax.plot(grid, mean, color=color, lw=1.8, label=f"{row.family} (n={len(curves)})",
-                marker="." if grid.size == 1 else None)
-        ax.fill_between(grid, low, high, color=color, alpha=0.2, lw=0)
+    for b in bands:
+        ax.plot(b.grid, b.mean, color=b.color, lw=1.8, label=b.legend, marker="." if b.grid.size == 1 else None)
+        ax.fill_between(b.grid, b.low, b.high, color=b.color, alpha=0.2, lw=0)
     ax.axhline(g1, color="k", ls="--", lw=1, label=f"G1 = {g1:g}")
     ax.axhline(g2, color="k", ls=":", lw=1, label=f"G2 = {g2:g}")
     # The y range follows the returns themselves: with 2-3 seeds a t band (t = 12.7 at n = 2) can reach far past any
     # return and would squash the curves, so it is cut at the frame instead.
+    returns = np.concatenate([[g1, g2], *(b.returns for b in bands)])
     y_low, y_high = np.nanmin(returns), np.nanmax(returns)
     pad = 0.05 * (y_high - y_low) or 1.0
     ax.set_ylim(y_low - pad, y_high + pad)
     ax.xaxis.set_major_formatter(FuncFormatter(_steps_label))
     ax.set_xlabel("environment steps")
     ax.set_ylabel("episode return")
-    series = {"best-pi": "return_pi", "best-mppi": "return_mppi"}.get(metric, "max(return_pi, return_mppi)")
-    if any(r.kind == "ppo" for row in rows for r in row.runs):
-        series += "; PPO: return"
     ax.set_title(f"{env_id}: mean over countable seeds, 95% t band\n(per-eval {series})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
+def curve_series(rows, metric: str) -> str:
+    """The per-evaluation series the curves show, for the plot title."""
+    series = {"best-pi": "return_pi", "best-mppi": "return_mppi"}.get(metric, "max(return_pi, return_mppi)")
+    if any(r.kind == "ppo" for row in rows for r in row.runs):
+        series += "; PPO: return"
+    return series
 
 
-def assign_baselines(paths, env_ids, env_filter=None) -> dict:
-    """{env_id: [(label, curves)]}: a baseline goes to --env-id if given, else to the env its file is named after
-    (hopper-hop.csv -> HopperHop), else to the only env present."""
-    out = defaultdict(list)
-    for p in paths or ():
-        curves = load_baseline(p)
-        if env_filter:
-            env = env_filter
-        else:
-            matches = [e for e in env_ids if _norm(e) == _norm(Path(p).stem)]
-            if not matches and len(env_ids) != 1:
-                raise PlotCIError(f"{p}: cannot tell which env this baseline belongs to; name the file after the "
-                                  f"env (e.g. hopper-hop.csv) or pass --env-id")
-            env = matches[0] if matches else env_ids[0]
-        out[env].append((f"baseline {Path(p).stem}", curves))
-    return out
+# ---------------------------------------------------------------------------
+# Aggregates across tasks: IQM, probability of improvement, performance profiles (docs/plot_ci.md, "Aggregates")
+# Agarwal et al., "Deep Reinforcement Learning at the Edge of the Statistical Precipice", NeurIPS 2021.
+# Every function takes normalised scores with runs on the last axis and keeps leading axes (bootstrap resamples).
+# ---------------------------------------------------------------------------
+AGGREGATES = ("iqm", "mean", "median", "optimality_gap")
+AGGREGATE_TITLES = {"iqm": "IQM", "mean": "Mean", "median": "Median", "optimality_gap": "Optimality gap"}
+DMC_MAX_RETURN = 1000.0  # a DM Control episode: 1,000 env steps with rewards in [0, 1]
+PROFILE_POINTS = 101
+
+
+def iqm(scores: np.ndarray) -> np.ndarray:
+    """Interquartile mean: drop the floor(n/4) lowest and highest of the n values, average the rest."""
+    n = scores.shape[-1]
+    cut = n // 4
+    return np.sort(scores, axis=-1)[..., cut:n - cut].mean(axis=-1)
+
+
+def aggregate_metrics(per_task: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """IQM over the runs of all tasks pooled; mean and median of the per-task means; optimality gap = the mean over
+    tasks of mean(max(0, 1 - score)). Each task weighs the same whatever its number of runs."""
+    pooled = np.concatenate(per_task, axis=-1)
+    task_means = np.stack([s.mean(axis=-1) for s in per_task], axis=-1)
+    task_gaps = np.stack([np.maximum(0.0, 1.0 - s).mean(axis=-1) for s in per_task], axis=-1)
+    return {"iqm": iqm(pooled), "mean": task_means.mean(axis=-1), "median": np.median(task_means, axis=-1),
+            "optimality_gap": task_gaps.mean(axis=-1)}
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """P(X > Y) + P(X = Y) / 2 for a run X drawn from `x` and a run Y from `y`: the Mann-Whitney U / (n_x n_y)."""
+    diff = x[..., :, None] - y[..., None, :]
+    return (diff > 0).mean(axis=(-2, -1)) + 0.5 * (diff == 0).mean(axis=(-2, -1))
+
+
+def performance_profile(per_task: list[np.ndarray], taus: np.ndarray) -> np.ndarray:
+    """Fraction of runs with score > tau for every tau (last axis), averaged over tasks."""
+    return np.mean([np.count_nonzero(s[..., :, None] > taus, axis=-2) / s.shape[-1] for s in per_task], axis=0)
+
+
+def stratified_resample(per_task: list[np.ndarray], reps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`reps` stratified bootstrap samples: each task's n runs drawn n times with replacement, tasks kept apart.
+    Task i comes back with shape (reps, n_i)."""
+    return [s[rng.integers(0, s.size, size=(reps, s.size))] for s in per_task]
+
+
+def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """The percentile bootstrap interval: the (1 - c)/2 and (1 + c)/2 quantiles over the resamples (axis 0)."""
+    tail = 50.0 * (1.0 - confidence)
+    return np.percentile(samples, tail, axis=0), np.percentile(samples, 100.0 - tail, axis=0)
+
+
+def bootstrap_rng(seed: int, *names: str) -> np.random.Generator:
+    """A generator fixed by the seed and the names (analysis, families): a family's intervals are the same whichever
+    other families the command compares, and in whatever order."""
+    words = [int.from_bytes(hashlib.md5(name.encode()).digest()[:4], "big") for name in names]
+    return np.random.default_rng([seed, *words])
+
+
+@dataclass
+class Analysis:
+    """What --aggregate computes: normalised scores per family and task, then the three analyses' results."""
+
+    tasks: list  # tasks every analysed family has runs on
+    dropped_tasks: list  # tasks some analysed family lacks: left out
+    normalisation: str  # how scores were normalised, in words
+    scores: dict  # {family: [scores of its countable runs on each task, in `tasks` order]}
+    aggregates: dict  # {family: {metric: (value, lo, hi)}}
+    improvements: list  # [(x, y, task, probability, lo, hi)]; task "all" = the average over tasks
+    taus: np.ndarray
+    profiles: dict  # {family: (fraction, lo, hi)}, arrays over taus
+
+
+def normalisation_ranges(mode: str, tasks, baselines) -> tuple[dict, str]:
+    """{task: (zero, one)} for score = (return - zero) / (one - zero), and the rule in words."""
+    if mode == "dmc":
+        return {t: (0.0, DMC_MAX_RETURN) for t in tasks}, f"return / {DMC_MAX_RETURN:g} (DM Control's maximum)"
+    ranges = {}
+    for task in tasks:
+        found = baselines.get(task, [])
+        if len(found) != 1:
+            raise PlotCIError(f"--normalize baseline needs exactly one --baseline for {task}, got {len(found)}")
+        label, curves = found[0]
+        _, mean, _, _ = mean_band(curves)
+        zero, one = float(mean.min()), float(mean.max())
+        if one == zero:
+            raise PlotCIError(f"--normalize baseline divides by zero on {task}: the mean curve of {label} is flat "
+                              f"at {zero:g} (min = max)")
+        ranges[task] = (zero, one)
+    return ranges, "(return - min) / (max - min), min and max of the baseline's mean curve on each task"
+
+
+def analysis_tasks(rows, families) -> tuple[list, list]:
+    """(tasks that every family has runs on, tasks left out because some family lacks them)."""
+    tasks_of = {f: {r.env_id for r in rows if r.family == f} for f in families}
+    common = set.intersection(*tasks_of.values())
+    if not common:
+        listing = "; ".join(f"{f} on {', '.join(sorted(t))}" for f, t in tasks_of.items())
+        raise PlotCIError(f"no task has runs of every family compared ({listing})")
+    return sorted(common), sorted(set.union(*tasks_of.values()) - common)
+
+
+def analyse(rows, baselines, pairs=None, normalize="dmc", reps=50_000, seed=0) -> Analysis:
+    """Aggregates, probabilities of improvement and performance profiles of the countable runs.
+
+    `pairs` [(X, Y)] chooses the families (those named) and the comparisons; by default every family, every pair.
+    """
+    known = sorted({r.family for r in rows})
+    families = list(dict.fromkeys(f for pair in pairs for f in pair)) if pairs else known
+    unknown = [f for f in families if f not in known]
+    if unknown:
+        raise PlotCIError(f"--compare: no runs of family {', '.join(unknown)} (families: {', '.join(known)})")
+    pairs = pairs or list(itertools.combinations(families, 2))
+    tasks, dropped = analysis_tasks(rows, families)
+    ranges, rule = normalisation_ranges(normalize, tasks, baselines)
+    row_of = {(r.env_id, r.family): r for r in rows}
+    scores = {}
+    for family in families:
+        scores[family] = []
+        for task in tasks:
+            values = row_of[task, family].values
+            if len(values) < 2:
+                raise PlotCIError(f"family {family} has {len(values)} countable run(s) on {task}; the bootstrap "
+                                  f"needs at least 2 per family and task (see the not-countable list, --merge, "
+                                  f"--compare)")
+            zero, one = ranges[task]
+            scores[family].append((np.asarray(values, dtype=float) - zero) / (one - zero))
+
+    aggregates = {}
+    for family in families:
+        point = aggregate_metrics(scores[family])
+        boot = aggregate_metrics(stratified_resample(scores[family], reps, bootstrap_rng(seed, "aggregate", family)))
+        aggregates[family] = {m: (float(point[m]), *map(float, percentile_interval(boot[m]))) for m in AGGREGATES}
+
+    improvements = []
+    for x, y in pairs:
+        rng = bootstrap_rng(seed, "improvement", x, y)
+        boot_x, boot_y = stratified_resample(scores[x], reps, rng), stratified_resample(scores[y], reps, rng)
+        points = [probability_of_improvement(a, b) for a, b in zip(scores[x], scores[y], strict=True)]
+        boots = [probability_of_improvement(a, b) for a, b in zip(boot_x, boot_y, strict=True)]
+        for task, point, boot in [*zip(tasks, points, boots, strict=True), ("all", np.mean(points), np.mean(boots, 0))]:
+            improvements.append((x, y, task, float(point), *map(float, percentile_interval(boot))))
+
+    every_score = np.concatenate([s for f in families for s in scores[f]])
+    taus = np.linspace(min(0.0, every_score.min()), max(1.0, every_score.max()), PROFILE_POINTS)
+    profiles = {}
+    for family in families:
+        boot = performance_profile(stratified_resample(scores[family], reps, bootstrap_rng(seed, "profile", family)),
+                                   taus)
+        profiles[family] = (performance_profile(scores[family], taus), *percentile_interval(boot))
+    return Analysis(tasks, dropped, rule, scores, aggregates, improvements, taus, profiles)
+
+
+def _ci(lo: float, hi: float) -> str:
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def format_analysis(a: Analysis, rejected, metric: str, reps: int, seed: int) -> str:
+    """The aggregates and probabilities of improvement as Markdown, and what was left out."""
+    lines = [
+        f"Aggregates of {metric} over {len(a.tasks)} task(s) ({', '.join(a.tasks)}); normalised score = "
+        f"{a.normalisation}. 95% CIs by stratified bootstrap (runs resampled within each task; {reps:,} resamples, "
+        f"seed {seed}).",
+        "",
+        "| Family | Runs | " + " | ".join(AGGREGATE_TITLES[m] for m in AGGREGATES) + " |",
+        "|---|---:|" + "---:|" * len(AGGREGATES),
+    ]
+    for family, values in a.aggregates.items():
+        cells = [f"{v:.3f} {_ci(lo, hi)}" for v, lo, hi in (values[m] for m in AGGREGATES)]
+        lines.append(f"| {family} | {sum(s.size for s in a.scores[family])} | " + " | ".join(cells) + " |")
+    if a.improvements:
+        lines += ["", "Probability of improvement P(X > Y) + ½ P(X = Y) of a run of X over a run of Y on the same "
+                      "task; `all` = the average over tasks; P(Y > X) = 1 - P(X > Y).", "",
+                  "| X | Y | Task | Probability | 95% CI |", "|---|---|---|---:|---:|"]
+        lines += [f"| {x} | {y} | {task} | {p:.3f} | {_ci(lo, hi)} |" for x, y, task, p, lo, hi in a.improvements]
+    lines += ["", "Performance profiles (fraction of runs with normalised score > τ, 95% bands): profiles.png, "
+                  "profiles.csv."]
+    if a.dropped_tasks:
+        lines.append(f"Left out (not run by every family compared): {', '.join(a.dropped_tasks)}.")
+    unused = [r for r in rejected if r.family in a.scores and r.env_id in a.tasks]
+    if unused:
+        lines += ["", "Not used (not countable):"] + [rejected_line(r, metric) for r in unused]
+    return "\n".join(lines) + "\n"
+
+
+def write_analysis_csvs(out: Path, a: Analysis) -> list[str]:
+    """aggregate.csv, improvement.csv, profiles.csv: the data behind the pictures and the Markdown."""
+    write_csv_rows(out / "aggregate.csv", ["family", "metric", "value", "lo", "hi"],
+                   [[f, m, *map(_csv_num, a.aggregates[f][m])] for f in a.aggregates for m in AGGREGATES])
+    write_csv_rows(out / "improvement.csv", ["family_x", "family_y", "task", "probability", "lo", "hi"],
+                   [[x, y, task, *map(_csv_num, (p, lo, hi))] for x, y, task, p, lo, hi in a.improvements])
+    write_csv_rows(out / "profiles.csv", ["family", "tau", "fraction", "lo", "hi"],
+                   [[f, _csv_num(tau), *map(_csv_num, values)] for f, (fraction, lo, hi) in a.profiles.items()
+                    for tau, *values in zip(a.taus, fraction, lo, hi, strict=True)])
+    return ["aggregate.csv", "improvement.csv", "profiles.csv"]
+
+
+def plot_aggregates(path: Path, a: Analysis) -> None:
+    """aggregate.png: per metric, each family's point estimate (tick) and 95% bootstrap CI (bar)."""
+    families = list(a.aggregates)
+    fig = Figure(figsize=(11, 1.2 + 0.45 * len(families)), dpi=110)
+    axes = fig.subplots(1, len(AGGREGATES), sharey=True)
+    for ax, metric in zip(axes, AGGREGATES, strict=True):
+        for i, family in enumerate(families):
+            value, lo, hi = a.aggregates[family][metric]
+            color = family_color(family)
+            ax.barh(i, hi - lo, left=lo, height=0.6, color=color, alpha=0.35)
+            ax.vlines(value, i - 0.3, i + 0.3, color=color, lw=2.5)
+        ax.set_title(AGGREGATE_TITLES[metric] + (" (lower is better)" if metric == "optimality_gap" else ""),
+                     fontsize=10)
+        ax.set_xlabel("normalised score", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(families)), families, fontsize=9)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{', '.join(a.tasks)}: point estimate and 95% stratified bootstrap CI", fontsize=10)
+    fig.tight_layout(w_pad=2.0)
+    save_figure(fig, path)
+
+
+def plot_profiles(path: Path, a: Analysis) -> None:
+    """profiles.png: per family the fraction of runs above each normalised score tau, with its 95% band."""
+    fig = Figure(figsize=(8, 5), dpi=110)
+    ax = fig.add_subplot()
+    for family, (fraction, lo, hi) in a.profiles.items():
+        color = family_color(family)
+        label = f"{family} ({sum(s.size for s in a.scores[family])} runs)"
+        ax.plot(a.taus, fraction, color=color, lw=1.8, label=label, drawstyle="steps-post")
+        ax.fill_between(a.taus, lo, hi, color=color, alpha=0.2, lw=0, step="post")
+    ax.set_xlabel("normalised score τ")
+    ax.set_ylabel("fraction of runs with score > τ")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Performance profiles on {', '.join(a.tasks)}, 95% stratified bootstrap bands", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# Writing files: through a temporary file and a rename, so a reader never sees half a file
+# ---------------------------------------------------------------------------
+def write_atomic(path: Path, write) -> None:
+    """Call write(tmp) on a temporary name in the same folder (same extension), then rename it to `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_csv_rows(path: Path, header, rows) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    write_atomic(path, write)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    write_atomic(path, fig.savefig)
+
+
+def _csv_num(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.6g}"
 
 
 # ---------------------------------------------------------------------------
@@ -468,10 +718,21 @@ def _steps(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a step count: {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     epilog = ("A run counts when its last eval step >= --min-steps, or earlier once its metric >= --g1; the others "
-              "are listed under the table. Writes the table to stdout and ci_table.md, ci_table.csv and "
-              "curves_{env}.png to --out.")
+              "are listed under the table. Writes the table to stdout and ci_table.md, ci_table.csv, "
+              "curves_{env}.png and curves_{env}.csv to --out; with --aggregate or --compare also aggregate.md, "
+              "aggregate.csv, improvement.csv, profiles.csv, aggregate.png and profiles.png. Docs: docs/plot_ci.md.")
     p = _Parser(prog="plot_ci.py", description=__doc__, epilog=epilog)
     p.add_argument("dirs", nargs="+", metavar="DIR",
                    help="folders searched recursively for runs (an eval.csv with a sibling args.json)")
@@ -490,9 +751,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="append", metavar="CSV",
                    help="per-seed curves in the official TD-MPC2 format step,reward,seed, drawn as a grey band "
                         "(repeatable); placed on the plot of --env-id, or of the env the file is named after")
+    p.add_argument("--baseline-action-repeat", type=_positive_int, default=2, metavar="K",
+                   help="env steps per step of the --baseline CSVs: 2 for the official TD-MPC2 CSVs, which count "
+                        "agent steps of an env that repeats every action twice; 1 for a CSV in env steps (default: 2)")
     p.add_argument("--env-id", default=None, help="only runs of this env (baselines are drawn on its plot)")
-    p.add_argument("--out", default=".", help="folder for ci_table.md, ci_table.csv and curves_{env}.png (default: .)")
+    p.add_argument("--aggregate", action="store_true",
+                   help="across tasks: IQM, mean, median, optimality gap of normalised scores with stratified "
+                        "bootstrap 95%% CIs; probability of improvement of every pair of families; performance "
+                        "profiles")
+    p.add_argument("--compare", nargs=2, action="append", metavar=("X", "Y"),
+                   help="probability of improvement of family X over Y (repeatable; implies --aggregate, which then "
+                        "covers the families named)")
+    p.add_argument("--normalize", choices=("dmc", "baseline"), default="dmc",
+                   help="score for --aggregate: dmc = return / 1000; baseline = (return - min) / (max - min) of the "
+                        "--baseline's mean curve on that task (default: dmc)")
+    p.add_argument("--bootstrap-reps", type=_positive_int, default=50_000, metavar="N",
+                   help="bootstrap resamples for --aggregate (default: 50000)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED",
+                   help="seed of the bootstrap: the same command gives the same intervals (default: 0)")
+    p.add_argument("--out", default=".", help="folder for the tables, pictures and their CSVs (default: .)")
     return p
+
+
+def _file_name(env_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", env_id)
 
 
 def run_cli(argv=None) -> str:
@@ -510,19 +792,36 @@ def run_cli(argv=None) -> str:
         print(f"plot_ci.py: note: --merge names no run: {', '.join(unused)}", file=sys.stderr)
     rows, rejected = summarize(runs, args.metric, args.min_steps, args.g1, args.g2, merges)
     env_ids = sorted({r.env_id for r in rows})
-    baselines = assign_baselines(args.baseline, env_ids, args.env_id)
+    baselines = assign_baselines(args.baseline, env_ids, args.env_id, args.baseline_action_repeat)
     text = format_markdown(rows, rejected, args.metric, args.min_steps, args.g1, args.g2)
+    # Every analysis runs before any file is written, so bad input leaves no half set of outputs.
+    analysis = None
+    if args.aggregate or args.compare:
+        analysis = analyse(rows, baselines, [tuple(p) for p in args.compare or ()], args.normalize,
+                           args.bootstrap_reps, args.bootstrap_seed)
+        if analysis.dropped_tasks:
+            print(f"plot_ci.py: note: aggregates leave out {', '.join(analysis.dropped_tasks)} (not run by every "
+                  f"family compared)", file=sys.stderr)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ci_table.md").write_text(text)
+    write_text(out / "ci_table.md", text)
     write_csv(out / "ci_table.csv", rows)
     written = ["ci_table.md", "ci_table.csv"]
     for env_id in env_ids:
-        name = "curves_" + re.sub(r"[^A-Za-z0-9_.-]", "_", env_id) + ".png"
-        plot_env(out / name, env_id, [r for r in rows if r.env_id == env_id], baselines.get(env_id, []),
-                 args.metric, args.g1, args.g2)
-        written.append(name)
+        env_rows = [r for r in rows if r.env_id == env_id]
+        bands = env_bands(env_rows, baselines.get(env_id, []), args.metric, args.baseline_action_repeat)
+        name = "curves_" + _file_name(env_id)
+        write_curves_csv(out / f"{name}.csv", bands)
+        plot_env(out / f"{name}.png", env_id, bands, curve_series(env_rows, args.metric), args.g1, args.g2)
+        written += [f"{name}.png", f"{name}.csv"]
+    if analysis is not None:
+        analysis_text = format_analysis(analysis, rejected, args.metric, args.bootstrap_reps, args.bootstrap_seed)
+        write_text(out / "aggregate.md", analysis_text)
+        written += ["aggregate.md", *write_analysis_csvs(out, analysis), "aggregate.png", "profiles.png"]
+        plot_aggregates(out / "aggregate.png", analysis)
+        plot_profiles(out / "profiles.png", analysis)
+        text += "\n" + analysis_text
     print(f"plot_ci.py: wrote {', '.join(written)} in {out}", file=sys.stderr)
     return text
 
@@ -536,6 +835,82 @@ def main(argv=None) -> int:
         return 1
     print(text, end="")
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Student's t: quantile from the regularised incomplete beta function (exact to ~1e-12), so no scipy is needed
+# ---------------------------------------------------------------------------
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of the Student-t interval with n-1 dof; low = high = nan when n = 1."""
+    x = np.asarray(values, dtype=float).ravel()
+    if x.size == 0:
+        raise ValueError("t_interval needs at least one value")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, math.nan, math.nan
+    half = t_quantile(0.5 + confidence / 2.0, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return mean, mean - half, mean + half
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with `df` degrees of freedom (bisection on the exact CDF)."""
+    if not 0.0 < p < 1.0 or not df > 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    tail = 1.0 - p
+    lo, hi = 0.0, 1.0
+    while t_upper_tail(hi, df) > tail:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_upper_tail(mid, df) > tail:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
+def t_upper_tail(t: float, df: float) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom, t >= 0."""
+    return 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """Continued fraction of I_x(a, b) by the modified Lentz method (Numerical Recipes `betacf`)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            return h
+    raise ArithmeticError(f"incomplete beta did not converge for a={a}, b={b}, x={x}")
 
 
 if __name__ == "__main__":
