@@ -4,13 +4,15 @@ Defaults are read at run time from Playground's own table
 (`mujoco_playground.config.dm_control_suite_params.brax_ppo_config(env_id)`); every field can be overridden by a flag.
 The algorithm follows `brax/training/agents/ppo/{train,losses,networks}.py` (Brax 0.12-0.14): tanh-normal policy,
 running observation normaliser, reward scaling, GAE with truncation masking recomputed per minibatch, clipped
-surrogate, one Adam. One whole PPO iteration (rollout + epochs x minibatches) is one jitted function of `lax.scan`s,
-and `--num-seeds N` vmaps N independent seeds in one process (one run folder per seed).
+surrogate, one Adam. By default a run has exactly the iterations and evaluation points of Brax's `ppo.train` for the
+same config. One whole PPO iteration (rollout + epochs x minibatches) is one jitted function of `lax.scan`s, and
+`--num-seeds N` vmaps N independent seeds in one process (one run folder per seed).
 
-Spec and implementation details: REFERENCE.md section 4 and the "PPO" section of README.md.
+Formulas, implementation details with their Brax sources, logged metrics and measured speed: docs/ppo.md.
 
     python ppo_playground.py --env-id CartpoleBalance
     python ppo_playground.py --env-id PendulumSwingup --num-seeds 4 --impl jax
+    python ppo_playground.py --env-id AcrobotSwingup --dry-run     # print the resolved config, run nothing
 """
 
 import dataclasses
@@ -32,10 +34,6 @@ import numpy as np
 import optax
 import tyro
 from flax import serialization, struct
-from mujoco_playground import registry
-from mujoco_playground._src import dm_control_suite
-from mujoco_playground.config import dm_control_suite_params
-from tensorboardX import SummaryWriter
 
 
 @dataclasses.dataclass
@@ -56,10 +54,15 @@ class Args:
     """run folder (default: runs/{env_id}__{exp_name}__{seed}__{unix_time}); with several seeds, suffixed __{seed}"""
     save_model: bool = False
     """save parameters, optimiser state and normaliser to {run_dir}/checkpoints/ at the end"""
+    dry_run: bool = False
+    """load the env, print the resolved config (what args.json would hold) as one JSON object, and exit"""
+    step_rounding: Literal["brax", "iteration"] = "brax"
+    """brax: the iterations and evaluation steps Brax's ppo.train runs (whole blocks between evaluations, which can
+    overshoot --total-steps: 60M runs 88.5M); iteration: ceil(total_steps / steps_per_iteration) iterations"""
 
     # Algorithm specific arguments (None = Playground's value for this env_id, or Brax's default)
     total_steps: Optional[int] = None
-    """environment steps to train (Brax's num_timesteps), rounded up to whole iterations"""
+    """environment steps to train (Brax's num_timesteps), rounded up as --step-rounding says"""
     num_envs: Optional[int] = None
     """number of parallel training environments"""
     episode_length: Optional[int] = None
@@ -85,7 +88,7 @@ class Args:
     normalize_observations: Optional[bool] = None
     """running mean/std observation normaliser"""
     num_evals: Optional[int] = None
-    """evaluations over the run, the one at step 0 included"""
+    """evaluations over the run, the one at step 0 included (Brax skips it when num_evals is 1)"""
     num_resets_per_eval: Optional[int] = None
     """hard resets of all training envs between two evaluations (0: never)"""
     clipping_epsilon: Optional[float] = None
@@ -105,51 +108,89 @@ class Args:
     value_hidden_sizes: tuple[int, ...] = (256, 256, 256, 256, 256)
     """hidden layers of the value MLP (Brax's make_ppo_networks default)"""
 
-    # to be filled in runtime
-    steps_per_iteration: int = 0
+    # Filled in at run time by `resolve_args` and `setup` (not flags)
+    observation_size: tyro.conf.Suppress[int] = 0
+    """size of the env's observation vector"""
+    action_size: tyro.conf.Suppress[int] = 0
+    """size of the env's action vector"""
+    steps_per_iteration: tyro.conf.Suppress[int] = 0
     """env steps per PPO iteration: batch_size x num_minibatches x unroll_length x action_repeat"""
-    num_iterations: int = 0
-    """PPO iterations: ceil(total_steps / steps_per_iteration)"""
-    iterations_per_epoch: int = 0
+    iterations_per_epoch: tyro.conf.Suppress[int] = 0
     """PPO iterations between hard resets (Brax's training epoch)"""
-    steps_run: int = 0
-    """env steps actually run: num_iterations x steps_per_iteration"""
-    brax_steps: int = 0
-    """env steps Brax's ppo.train would run with the same settings"""
+    num_iterations: tyro.conf.Suppress[int] = 0
+    """PPO iterations of the run (see --step-rounding)"""
+    total_steps_resolved: tyro.conf.Suppress[int] = 0
+    """env steps the run takes: num_iterations x steps_per_iteration"""
+    eval_steps: tyro.conf.Suppress[tuple[int, ...]] = ()
+    """env steps after which the policy is evaluated (0: before training)"""
 
 
 # Values Brax's ppo.train uses for fields Playground's DM Control table leaves unset.
 BRAX_DEFAULTS = dict(
-    clipping_epsilon=0.3, gae_lambda=0.95, vf_loss_coefficient=0.5, normalize_advantage=True,
-    max_grad_norm=None, num_eval_envs=128,
+    clipping_epsilon=0.3,
+    gae_lambda=0.95,
+    vf_loss_coefficient=0.5,
+    normalize_advantage=True,
+    max_grad_norm=None,
+    num_eval_envs=128,
 )
 # Playground's field name -> ours, where they differ.
 RENAMED = {"num_timesteps": "total_steps"}
 
 
-def fail(message: str):
-    """Refuse bad input with one line on stderr and exit code 2 (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+class UserError(Exception):
+    """A mistake in the command line: printed as one line `error: ...`, exit code 2."""
 
 
 def playground_defaults(env_id: str) -> dict:
-    """Playground's Brax PPO settings for env_id, with its PendulumSwingup defect fixed."""
+    """Playground's Brax PPO settings for env_id (in our field names), with its PendulumSwingup defect fixed."""
+    from mujoco_playground.config import dm_control_suite_params  # imported here: importing this file stays cheap
+
     config = dm_control_suite_params.brax_ppo_config(env_id).to_dict()
     # Defect 1: the table's override tests the name "PendulumSwingUp" (capital U), which is not a registered env,
     # so PendulumSwingup silently runs with action_repeat 1 and 16 epochs. We apply what was intended.
     if env_id == "PendulumSwingup":
         config.update(action_repeat=4, num_updates_per_batch=4)
-    return {RENAMED.get(k, k): v for k, v in config.items()}
+    config = {RENAMED.get(k, k): v for k, v in config.items()}
+    known = {f.name for f in dataclasses.fields(Args)}
+    if unknown := sorted(set(config) - known):
+        print(f"warning: Playground's config for {env_id} sets {', '.join(unknown)}, which this script does not "
+              "implement; ignored", file=sys.stderr)
+    return {k: v for k, v in config.items() if k in known}
+
+
+def iteration_schedule(args: Args) -> tuple[int, int, tuple[int, ...]]:
+    """(iterations_per_epoch, num_iterations, eval_iterations): Brax's ppo.train loop, or the plain ceil budget.
+
+    Brax (train.py) runs max(num_evals - 1, 1) evaluation blocks, each of max(num_resets_per_eval, 1) training
+    epochs of ceil(T / (blocks x epochs x S)) iterations, hard-resets the training envs after every epoch when
+    num_resets_per_eval > 0, and evaluates before training (only when num_evals > 1) and after every block."""
+    num_blocks = max(args.num_evals - 1, 1)
+    epochs_per_block = max(args.num_resets_per_eval, 1)
+    iterations_per_epoch = math.ceil(args.total_steps / (num_blocks * epochs_per_block * args.steps_per_iteration))
+    if args.step_rounding == "brax":
+        num_iterations = num_blocks * epochs_per_block * iterations_per_epoch
+        later = [k * epochs_per_block * iterations_per_epoch for k in range(1, num_blocks + 1)]
+    else:  # evaluations spread as evenly as whole iterations allow, the last one at the end
+        num_iterations = math.ceil(args.total_steps / args.steps_per_iteration)
+        later = sorted({math.ceil(k * num_iterations / num_blocks) for k in range(1, num_blocks + 1)})
+        if len(later) < num_blocks:
+            print(f"note: {num_iterations} iterations leave room for {len(later)} of the {num_blocks} evaluations "
+                  "after step 0 (at most one per iteration); use --step-rounding brax to get all of them",
+                  file=sys.stderr)
+    return iterations_per_epoch, num_iterations, tuple([0] * (args.num_evals > 1) + later)
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill every None field from Playground/Brax, validate, and compute the derived sizes. Exits on bad input."""
+    """Fill every None field from Playground/Brax, validate, and compute the iteration schedule (no env needed).
+
+    Raises UserError on bad input."""
+    from mujoco_playground._src import dm_control_suite
+
     if args.env_id not in dm_control_suite.ALL_ENVS:
-        fail(f"unknown env id {args.env_id!r}; valid DM Control ids: {', '.join(dm_control_suite.ALL_ENVS)}")
+        raise UserError(f"unknown env id {args.env_id!r}; valid DM Control ids: {', '.join(dm_control_suite.ALL_ENVS)}")
     defaults = {**BRAX_DEFAULTS, **playground_defaults(args.env_id)}
-    filled = {k: v for k, v in defaults.items() if hasattr(args, k) and getattr(args, k) is None}
-    args = dataclasses.replace(args, **filled)
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     if args.impl is None:
         args.impl = "warp" if any(d.platform == "gpu" for d in jax.devices()) else "jax"
 
@@ -157,30 +198,34 @@ def resolve_args(args: Args) -> Args:
                 "batch_size", "num_minibatches", "num_updates_per_batch", "num_evals", "num_eval_envs"]
     for name in positive:
         if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_resets_per_eval < 0:
-        fail(f"--num-resets-per-eval must be >= 0, got {args.num_resets_per_eval}")
+        raise UserError(f"--num-resets-per-eval must be >= 0, got {args.num_resets_per_eval}")
     if args.learning_rate <= 0 or not 0 < args.discounting <= 1 or not 0 <= args.gae_lambda <= 1:
-        fail("need --learning-rate > 0, 0 < --discounting <= 1 and 0 <= --gae-lambda <= 1")
+        raise UserError("need --learning-rate > 0, 0 < --discounting <= 1 and 0 <= --gae-lambda <= 1")
     if any(h <= 0 for h in args.policy_hidden_sizes + args.value_hidden_sizes):
-        fail("hidden layer sizes must be positive")
+        raise UserError("hidden layer sizes must be positive")
     sequences = args.batch_size * args.num_minibatches
     if sequences % args.num_envs:
         envs_ok = [n for n in range(1, sequences + 1) if sequences % n == 0 and n <= 4 * args.num_envs][-3:]
         step = args.num_envs // math.gcd(args.num_envs, args.num_minibatches)
-        fail(f"batch_size x num_minibatches = {args.batch_size} x {args.num_minibatches} = {sequences} is not "
-             f"divisible by num_envs = {args.num_envs}; use --num-envs in {envs_ok} (divisors of {sequences}) "
-             f"or a --batch-size that is a multiple of {step}")
+        raise UserError(
+            f"batch_size x num_minibatches = {args.batch_size} x {args.num_minibatches} = {sequences} is not "
+            f"divisible by num_envs = {args.num_envs}; use --num-envs in {envs_ok} (divisors of {sequences}) "
+            f"or a --batch-size that is a multiple of {step}")
 
     args.steps_per_iteration = sequences * args.unroll_length * args.action_repeat
-    # Defect 2: Brax runs ceil(T / (evals * S * resets)) iterations per epoch for every one of evals * resets
-    # epochs, which overshoots T (60M -> 88.5M). We run exactly ceil(T / S) iterations and report both.
-    blocks = max(args.num_evals - 1, 1) * max(args.num_resets_per_eval, 1)
-    args.iterations_per_epoch = math.ceil(args.total_steps / (blocks * args.steps_per_iteration))
-    args.brax_steps = blocks * args.iterations_per_epoch * args.steps_per_iteration
-    args.num_iterations = math.ceil(args.total_steps / args.steps_per_iteration)
-    args.steps_run = args.num_iterations * args.steps_per_iteration
+    args.iterations_per_epoch, args.num_iterations, eval_iterations = iteration_schedule(args)
+    args.total_steps_resolved = args.num_iterations * args.steps_per_iteration
+    args.eval_steps = tuple(i * args.steps_per_iteration for i in eval_iterations)
     return args
+
+
+def setup(args: Args):
+    """Resolve every run-time value of args once, right after the env loads: (resolved args, env)."""
+    args = resolve_args(args)
+    env = make_env(args)
+    return dataclasses.replace(args, observation_size=env.observation_size, action_size=env.action_size), env
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,6 +233,8 @@ def resolve_args(args: Args) -> Args:
 # episode_length) and Playground's auto-reset to the cached first state of each env.
 # ---------------------------------------------------------------------------------------------------------------
 def make_env(args: Args):
+    from mujoco_playground import registry  # imported here: importing this file stays cheap
+
     return registry.load(args.env_id, config_overrides={"impl": args.impl})
 
 
@@ -210,8 +257,13 @@ class StepOut:
 
 def env_reset(env, key: jax.Array, num: int) -> EnvState:
     inner = jax.vmap(env.reset)(jax.random.split(key, num))
-    zeros = jnp.zeros(num)
-    return EnvState(inner, inner.data, inner.obs, jnp.zeros(num, jnp.int32), zeros)
+    return EnvState(
+        inner=inner,
+        first_data=inner.data,
+        first_obs=inner.obs,
+        steps=jnp.zeros(num, jnp.int32),
+        episode_return=jnp.zeros(num),
+    )
 
 
 def env_step(env, args: Args, state: EnvState, action: jax.Array) -> tuple[EnvState, StepOut]:
@@ -256,9 +308,9 @@ class MLP(nn.Module):
         return nn.Dense(self.out_size, kernel_init=nn.initializers.lecun_uniform())(x)
 
 
-def policy_net(args: Args, action_size: int) -> MLP:
+def policy_net(args: Args) -> MLP:
     """Outputs [loc, raw_scale] of a tanh-normal."""
-    return MLP(tuple(args.policy_hidden_sizes), 2 * action_size)
+    return MLP(tuple(args.policy_hidden_sizes), 2 * args.action_size)
 
 
 def value_net(args: Args) -> MLP:
@@ -266,10 +318,14 @@ def value_net(args: Args) -> MLP:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pure math
+# Pure math (docs/ppo.md, "Formulas")
 # ---------------------------------------------------------------------------------------------------------------
 def compute_gae(truncation, termination, rewards, values, bootstrap_value, lambda_, discount):
-    """Brax's GAE, time-major [T, B]. No bootstrap across truncation. Returns (vs, advantages), both stop-gradient."""
+    """GAE with Brax's truncation masking, time-major [T, B]. Returns (vs, advantages), both stop-gradient.
+
+    Generalised advantage estimation, Schulman et al. 2016 ("High-Dimensional Continuous Control Using Generalized
+    Advantage Estimation", eq. 16), as `brax/training/agents/ppo/losses.py` compute_gae computes it: nothing is
+    bootstrapped across a truncation, and the advantage is the one-step TD error of the lambda-returns vs."""
     values_next = jnp.concatenate([values[1:], bootstrap_value[None]], axis=0)
     not_trunc = 1.0 - truncation
     not_term = 1.0 - termination
@@ -300,7 +356,8 @@ def policy_dist(policy_out, min_std: float = 0.001):
 
 
 def tanh_normal_log_prob(raw_action, loc, scale):
-    """log-density of tanh(raw_action) under tanh(N(loc, scale)), summed over action dims."""
+    """log-density of tanh(raw_action) under tanh(N(loc, scale)), summed over action dims (change of variables;
+    `brax/training/distribution.py` NormalTanhDistribution)."""
     z = (raw_action - loc) / scale
     gaussian = -0.5 * z**2 - jnp.log(scale) - 0.5 * jnp.log(2.0 * jnp.pi)
     return jnp.sum(gaussian - tanh_log_det_jacobian(raw_action), axis=-1)
@@ -326,7 +383,8 @@ def init_normalizer(obs_size: int) -> Normalizer:
 
 
 def update_normalizer(state: Normalizer, obs) -> Normalizer:
-    """Batched Welford update over every observation in obs [..., D]; std clipped to [1e-6, 1e6]."""
+    """Batched Welford update over every observation in obs [..., D]; std clipped to [1e-6, 1e6]
+    (`brax/training/acme/running_statistics.py` update)."""
     obs = obs.reshape(-1, obs.shape[-1])
     count = state.count + obs.shape[0]
     diff_old = obs - state.mean
@@ -341,14 +399,18 @@ def normalize(state: Normalizer, obs):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Losses (brax/training/agents/ppo/losses.py: compute_ppo_loss)
+# Loss
 # ---------------------------------------------------------------------------------------------------------------
-def ppo_loss(params, normalizer: Normalizer, batch: dict, key, args: Args, action_size: int):
-    """PPO loss of one minibatch of sequences [B, T]; values and GAE are recomputed with the current networks."""
+def ppo_loss(params, normalizer: Normalizer, batch: dict, key, args: Args):
+    """PPO loss of one minibatch of sequences [B, T]; values and GAE are recomputed with the current networks.
+
+    Clipped surrogate objective of Schulman et al. 2017 ("Proximal Policy Optimization Algorithms", eq. 7), an
+    unclipped squared value loss and an entropy bonus (eq. 9), with GAE advantages (Schulman et al. 2016), as
+    `brax/training/agents/ppo/losses.py` compute_ppo_loss computes them."""
     bootstrap_obs = batch["bootstrap_obs"]  # [B, D]: observation after each sequence's last step
     batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), {k: v for k, v in batch.items() if k != "bootstrap_obs"})
     obs = normalize(normalizer, batch["obs"])
-    loc, scale = policy_dist(policy_net(args, action_size).apply(params["policy"], obs))
+    loc, scale = policy_dist(policy_net(args).apply(params["policy"], obs))
     value_apply = functools.partial(value_net(args).apply, params["value"])
     values = value_apply(obs)[..., 0]
     bootstrap_value = value_apply(normalize(normalizer, bootstrap_obs))[..., 0]
@@ -369,9 +431,15 @@ def ppo_loss(params, normalizer: Normalizer, batch: dict, key, args: Args, actio
     entropy = jnp.mean(tanh_normal_entropy(key, loc, scale))
     entropy_loss = -args.entropy_cost * entropy
     total_loss = policy_loss + v_loss + entropy_loss
-    metrics = dict(total_loss=total_loss, policy_loss=policy_loss, v_loss=v_loss, entropy_loss=entropy_loss,
-                   entropy=entropy, approx_kl=jnp.mean(batch["log_prob"] - log_prob),
-                   clipfrac=jnp.mean(jnp.abs(ratio - 1.0) > args.clipping_epsilon))
+    metrics = dict(
+        total_loss=total_loss,
+        policy_loss=policy_loss,
+        v_loss=v_loss,
+        entropy_loss=entropy_loss,
+        entropy=entropy,
+        approx_kl=jnp.mean(batch["log_prob"] - log_prob),
+        clipfrac=jnp.mean(jnp.abs(ratio - 1.0) > args.clipping_epsilon),
+    )
     return total_loss, metrics
 
 
@@ -384,39 +452,57 @@ def make_optimizer(args: Args):
 # Training iteration: rollout (scan over unrolls of scans over steps) -> normaliser update -> epochs x minibatches
 # ---------------------------------------------------------------------------------------------------------------
 @struct.dataclass
-class TrainState:
+class PPOState:
+    """Everything one seed carries from one PPO iteration to the next."""
+
     params: dict
     opt_state: Any
     normalizer: Normalizer
     env_state: EnvState
     key: jax.Array
-    iteration: jax.Array
 
 
-def init_train_state(env, args: Args, key, env_state: EnvState) -> TrainState:
+@struct.dataclass
+class SGDState:
+    """What the epoch and minibatch scans update."""
+
+    params: dict
+    opt_state: Any
+
+
+def init_ppo_state(args: Args, key, env_state: EnvState) -> PPOState:
     """Networks, optimiser and normaliser of one seed; env_state comes from `reset_training_envs`."""
     k_policy, k_value, key = jax.random.split(key, 3)
-    dummy = jnp.zeros((1, env.observation_size))
-    params = {"policy": policy_net(args, env.action_size).init(k_policy, dummy),
-              "value": value_net(args).init(k_value, dummy)}
-    return TrainState(params, make_optimizer(args).init(params), init_normalizer(env.observation_size),
-                      env_state, key, jnp.zeros((), jnp.int32))
+    dummy = jnp.zeros((1, args.observation_size))
+    params = {"policy": policy_net(args).init(k_policy, dummy), "value": value_net(args).init(k_value, dummy)}
+    return PPOState(
+        params=params,
+        opt_state=make_optimizer(args).init(params),
+        normalizer=init_normalizer(args.observation_size),
+        env_state=env_state,
+        key=key,
+    )
 
 
 def actor_step(env, args: Args, params, normalizer, env_state: EnvState, key):
     """One agent step of all training envs with the stochastic policy."""
     obs = env_state.inner.obs
-    out = policy_net(args, env.action_size).apply(params["policy"], normalize(normalizer, obs))
-    loc, scale = policy_dist(out)
+    loc, scale = policy_dist(policy_net(args).apply(params["policy"], normalize(normalizer, obs)))
     raw_action = loc + scale * jax.random.normal(key, loc.shape)
-    log_prob = tanh_normal_log_prob(raw_action, loc, scale)
     env_state, step = env_step(env, args, env_state, jnp.tanh(raw_action))
-    transition = dict(obs=obs, raw_action=raw_action, log_prob=log_prob, reward=step.reward, done=step.done,
-                      truncation=step.truncation, finished_return=step.finished_return)
+    transition = dict(
+        obs=obs,
+        raw_action=raw_action,
+        log_prob=tanh_normal_log_prob(raw_action, loc, scale),
+        reward=step.reward,
+        done=step.done,
+        truncation=step.truncation,
+        finished_return=step.finished_return,
+    )
     return env_state, transition
 
 
-def collect_rollout(env, args: Args, ts: TrainState, key):
+def collect_rollout(env, args: Args, ts: PPOState, key):
     """batch_size x num_minibatches sequences of unroll_length steps, as [sequences, T, ...]."""
     num_unrolls = args.batch_size * args.num_minibatches // args.num_envs
 
@@ -434,41 +520,44 @@ def collect_rollout(env, args: Args, ts: TrainState, key):
     return env_state, data
 
 
-def sgd_epoch(env, args: Args, normalizer, data, carry, key):
+def sgd_epoch(args: Args, normalizer, data, state: SGDState, key) -> tuple[SGDState, dict]:
     """One pass over the batch: a fresh permutation of the sequences split into num_minibatches minibatches."""
-    params, opt_state = carry
     k_perm, k_loss = jax.random.split(key)
     perm = jax.random.permutation(k_perm, args.batch_size * args.num_minibatches)
     minibatches = jax.tree.map(lambda x: x[perm].reshape((args.num_minibatches, -1) + x.shape[1:]), data)
     optimizer = make_optimizer(args)
     grad_fn = jax.grad(ppo_loss, has_aux=True)
 
-    def minibatch_step(carry, xs):
-        params, opt_state = carry
+    def minibatch_step(state: SGDState, xs):
         batch, key = xs
-        grads, metrics = grad_fn(params, normalizer, batch, key, args, env.action_size)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), metrics
+        grads, metrics = grad_fn(state.params, normalizer, batch, key, args)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return SGDState(optax.apply_updates(state.params, updates), opt_state), metrics
 
     keys = jax.random.split(k_loss, args.num_minibatches)
-    return jax.lax.scan(minibatch_step, (params, opt_state), (minibatches, keys))
+    return jax.lax.scan(minibatch_step, state, (minibatches, keys))
 
 
-def training_iteration(env, args: Args, ts: TrainState) -> tuple[TrainState, dict]:
-    """One PPO iteration of one seed (vmapped over seeds and jitted in __main__)."""
+def training_iteration(env, args: Args, ts: PPOState) -> tuple[PPOState, dict]:
+    """One PPO iteration of one seed (vmapped over seeds and jitted in `train`)."""
     key, k_rollout, k_sgd = jax.random.split(ts.key, 3)
     env_state, data = collect_rollout(env, args, ts, k_rollout)
     finished_return, done = data.pop("finished_return"), data["done"]
     # The rollout used the old normaliser; the SGD uses the one updated with this iteration's observations.
     normalizer = update_normalizer(ts.normalizer, data["obs"]) if args.normalize_observations else ts.normalizer
-    epoch = functools.partial(sgd_epoch, env, args, normalizer, data)
-    (params, opt_state), losses = jax.lax.scan(
-        epoch, (ts.params, ts.opt_state), jax.random.split(k_sgd, args.num_updates_per_batch))
+    epoch = functools.partial(sgd_epoch, args, normalizer, data)
+    sgd_state, losses = jax.lax.scan(
+        epoch, SGDState(ts.params, ts.opt_state), jax.random.split(k_sgd, args.num_updates_per_batch))
     metrics = jax.tree.map(jnp.mean, losses)
     metrics["episodes"] = done.sum()
     metrics["episodic_return"] = finished_return.sum() / jnp.maximum(done.sum(), 1.0)
-    ts = ts.replace(params=params, opt_state=opt_state, normalizer=normalizer, env_state=env_state, key=key,
-                    iteration=ts.iteration + 1)
+    ts = PPOState(
+        params=sgd_state.params,
+        opt_state=sgd_state.opt_state,
+        normalizer=normalizer,
+        env_state=env_state,
+        key=key,
+    )
     return ts, metrics
 
 
@@ -478,32 +567,156 @@ def reset_training_envs(env, args: Args, key) -> tuple[EnvState, jax.Array]:
     return env_reset(env, k_env, args.num_envs), key
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+@struct.dataclass
+class EvalCarry:
+    env_state: EnvState
+    episode_return: jax.Array  # summed unscaled reward up to each env's first done
+    active: jax.Array  # 1 until the env's first done, then 0
+
+
 def evaluate(env, args: Args, params, normalizer, key):
     """Mean undiscounted return of num_eval_envs full episodes: (stochastic policy, deterministic tanh(loc)).
 
     Both modes run in one batch of 2 x num_eval_envs envs (the first half samples, the second takes the mode)."""
     n = args.num_eval_envs
     deterministic = jnp.arange(2 * n) >= n
-    policy = policy_net(args, env.action_size)
+    policy = policy_net(args)
     k_reset, k_act = jax.random.split(key)
 
-    def step(carry, k):
-        env_state, total, active = carry
-        loc, scale = policy_dist(policy.apply(params["policy"], normalize(normalizer, env_state.inner.obs)))
+    def step(carry: EvalCarry, k):
+        obs = normalize(normalizer, carry.env_state.inner.obs)
+        loc, scale = policy_dist(policy.apply(params["policy"], obs))
         sample = loc + scale * jax.random.normal(k, loc.shape)
         action = jnp.tanh(jnp.where(deterministic[:, None], loc, sample))
-        env_state, out = env_step(env, args, env_state, action)
-        return (env_state, total + out.reward * active, active * (1.0 - out.done)), None
+        env_state, out = env_step(env, args, carry.env_state, action)
+        return EvalCarry(env_state, carry.episode_return + out.reward * carry.active,
+                         carry.active * (1.0 - out.done)), None
 
-    init = (env_reset(env, k_reset, 2 * n), jnp.zeros(2 * n), jnp.ones(2 * n))
+    init = EvalCarry(env_reset(env, k_reset, 2 * n), jnp.zeros(2 * n), jnp.ones(2 * n))
     num_steps = args.episode_length // args.action_repeat
-    (_, total, _), _ = jax.lax.scan(step, init, jax.random.split(k_act, num_steps))
-    return total[:n].mean(), total[n:].mean()
+    final, _ = jax.lax.scan(step, init, jax.random.split(k_act, num_steps))
+    return final.episode_return[:n].mean(), final.episode_return[n:].mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Logging helpers
+# The run
 # ---------------------------------------------------------------------------------------------------------------
+LOSS_NAMES = ("total_loss", "policy_loss", "v_loss", "entropy_loss", "entropy", "approx_kl", "clipfrac")
+
+
+def train(args: Args) -> list[Path]:
+    """Train args.num_seeds seeds (vmapped) and write one run folder per seed; returns the folders.
+
+    With --dry-run, print the resolved config of the first run (its args.json) as one JSON object and return []."""
+    args, env = setup(args)
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    versions, commit = package_versions(), git_commit()
+    records = [run_record(args, i, versions, commit) for i in range(args.num_seeds)]
+    if args.dry_run:
+        print(json.dumps(records[0], indent=2))
+        return []
+
+    from tensorboardX import SummaryWriter  # imported here: importing this file stays cheap
+
+    print(f"{args.env_id}: {args.num_iterations} iterations x {args.steps_per_iteration:,} env steps = "
+          f"{args.total_steps_resolved:,} env steps (requested {args.total_steps:,}; --step-rounding "
+          f"{args.step_rounding}); {len(args.eval_steps)} evaluations; hard reset every "
+          f"{args.iterations_per_epoch} iteration(s)" + ("" if args.num_resets_per_eval > 0 else " disabled"),
+          flush=True)
+    dirs = run_dirs(args)
+    writers, csv_files = [], []
+    for run_dir, record in zip(dirs, records, strict=True):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "args.json", json.dumps(record, indent=2).encode())
+        writer = SummaryWriter(str(run_dir))
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in record.items()))
+        writers.append(writer)
+        csv = open(run_dir / "eval.csv", "w")  # kept open for the run, flushed per row
+        csv.write("step,wall_time,return,return_deterministic\n")
+        csv.flush()
+        csv_files.append(csv)
+
+    start = time.time()
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    k_env, k_eval, k_train = (jnp.stack(k) for k in zip(*[jax.random.split(k, 3) for k in keys], strict=True))
+    reset_fn = jax.jit(jax.vmap(functools.partial(reset_training_envs, env, args)))
+    env_state, k_env = reset_fn(k_env)
+    ts = jax.jit(jax.vmap(functools.partial(init_ppo_state, args)))(k_train, env_state)
+    iteration_fn = jax.jit(jax.vmap(functools.partial(training_iteration, env, args)), donate_argnums=0)
+    iteration_fn = iteration_fn.lower(ts).compile()
+    eval_fn = jax.jit(jax.vmap(functools.partial(evaluate, env, args)))
+    print(f"compiled the training iteration in {time.time() - start:.1f} s", flush=True)
+
+    def run_eval(step: int, iteration: int) -> None:
+        eval_keys = jax.vmap(jax.random.fold_in, (0, None))(k_eval, iteration)
+        ret, ret_det = jax.device_get(eval_fn(ts.params, ts.normalizer, eval_keys))
+        wall = time.time() - start
+        for i, writer in enumerate(writers):
+            csv_files[i].write(f"{step},{wall:.3f},{ret[i]:.6f},{ret_det[i]:.6f}\n")
+            csv_files[i].flush()
+            writer.add_scalar("eval/return", float(ret[i]), step)
+            writer.add_scalar("eval/return_deterministic", float(ret_det[i]), step)
+        print(f"eval step={step:,} return={np.array2string(ret, precision=1)} "
+              f"deterministic={np.array2string(ret_det, precision=1)}", flush=True)
+
+    if 0 in args.eval_steps:
+        run_eval(0, 0)
+    train_time, last_print, loop_start = 0.0, 0.0, time.time()
+    for iteration in range(1, args.num_iterations + 1):
+        t0 = time.time()
+        ts, metrics = iteration_fn(ts)
+        metrics = jax.device_get(metrics)
+        train_time += time.time() - t0
+        if args.num_resets_per_eval > 0 and iteration % args.iterations_per_epoch == 0:
+            env_state, k_env = reset_fn(k_env)
+            ts = ts.replace(env_state=env_state)
+        step = iteration * args.steps_per_iteration
+        sps = step / max(train_time, 1e-9)  # per seed, compile excluded (compiled ahead of time)
+        for i, writer in enumerate(writers):
+            writer.add_scalar("charts/SPS", sps, step)
+            for name in LOSS_NAMES:
+                writer.add_scalar(f"losses/{name}", float(metrics[name][i]), step)
+            if metrics["episodes"][i] > 0:
+                writer.add_scalar("charts/episodic_return", float(metrics["episodic_return"][i]), step)
+        evaluated = step in args.eval_steps
+        if evaluated:
+            run_eval(step, iteration)
+        now = time.time() - start
+        if evaluated or now - last_print > 5.0:
+            last_print = now
+            eta = (time.time() - loop_start) / iteration * (args.num_iterations - iteration)  # evals included
+            print(f"step {step:,}/{args.total_steps_resolved:,} | SPS {sps:,.0f} per seed "
+                  f"({sps * args.num_seeds:,.0f} total) | v_loss {np.mean(metrics['v_loss']):.3f} | ETA {eta:.0f} s",
+                  flush=True)
+
+    if args.save_model:
+        for i, run_dir in enumerate(dirs):
+            state = jax.tree.map(lambda x, i=i: np.asarray(x[i]), (ts.params, ts.opt_state, ts.normalizer))
+            tree = dict(params=state[0], opt_state=state[1], normalizer=state[2], step=args.total_steps_resolved)
+            path = run_dir / "checkpoints" / f"ppo_{args.total_steps_resolved}.msgpack"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, serialization.to_bytes(tree))
+    for writer, csv in zip(writers, csv_files, strict=True):
+        writer.close()
+        csv.close()
+    print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(d) for d in dirs)}")
+    return dirs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folder helpers
+# ---------------------------------------------------------------------------------------------------------------
+def run_record(args: Args, seed_index: int, versions: dict, commit: Optional[str]) -> dict:
+    """args.json of run `seed_index`: the resolved config with that run's seed, the versions and the git commit."""
+    config = dataclasses.asdict(args)
+    del config["dry_run"]  # how the config is shown, not part of it: --dry-run prints the same object as args.json
+    return config | dict(seed=args.seed + seed_index, seed_index=seed_index, versions=versions, git_commit=commit)
+
+
 def package_versions() -> dict:
     names = ["jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground", "brax", "numpy", "tyro"]
     versions = {}
@@ -533,101 +746,16 @@ def run_dirs(args: Args) -> list[Path]:
     return [Path("runs") / f"{args.env_id}__{args.exp_name}__{s}__{stamp}" for s in seeds]
 
 
-def save_checkpoint(path: Path, tree) -> None:
-    """Write atomically: temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(serialization.to_bytes(tree))
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: a killed run never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
 if __name__ == "__main__":
-    args = resolve_args(tyro.cli(Args))
-    seeds = [args.seed + i for i in range(args.num_seeds)]
-    print(f"{args.env_id}: {args.num_iterations} iterations x {args.steps_per_iteration:,} env steps = "
-          f"{args.steps_run:,} env steps (requested {args.total_steps:,}; Brax's rounding would run "
-          f"{args.brax_steps:,}); hard reset every {args.iterations_per_epoch} iteration(s)"
-          + ("" if args.num_resets_per_eval > 0 else " disabled"), flush=True)
-
-    dirs = run_dirs(args)
-    versions, commit = package_versions(), git_commit()
-    writers, csv_files = [], []
-    for seed, run_dir in zip(seeds, dirs, strict=True):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        record = dataclasses.asdict(args) | dict(env_id=args.env_id, exp_name=args.exp_name, seed=seed,
-                                                  seed_index=seed - args.seed, versions=versions, git_commit=commit)
-        (run_dir / "args.json").write_text(json.dumps(record, indent=2))
-        writer = SummaryWriter(str(run_dir))
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
-        writers.append(writer)
-        csv = open(run_dir / "eval.csv", "w")  # kept open for the run, flushed per row
-        csv.write("step,wall_time,return,return_deterministic\n")
-        csv.flush()
-        csv_files.append(csv)
-
-    env = make_env(args)
-    start = time.time()
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-    k_env, k_eval, k_train = (jnp.stack(k) for k in zip(*[jax.random.split(k, 3) for k in keys], strict=True))
-    reset_fn = jax.jit(jax.vmap(functools.partial(reset_training_envs, env, args)))
-    env_state, k_env = reset_fn(k_env)
-    ts = jax.jit(jax.vmap(functools.partial(init_train_state, env, args)))(k_train, env_state)
-    iteration_fn = jax.jit(jax.vmap(functools.partial(training_iteration, env, args)), donate_argnums=0)
-    iteration_fn = iteration_fn.lower(ts).compile()
-    eval_fn = jax.jit(jax.vmap(functools.partial(evaluate, env, args)))
-    print(f"compiled the training iteration in {time.time() - start:.1f} s", flush=True)
-
-    # Evaluations: one at step 0 (when num_evals > 1, as Brax) and num_evals - 1 spread evenly, the last at the end.
-    num_later = max(args.num_evals - 1, 1)
-    eval_iterations = {math.ceil(k * args.num_iterations / num_later) for k in range(1, num_later + 1)}
-
-    def run_eval(step: int, iteration: int) -> None:
-        eval_keys = jax.vmap(jax.random.fold_in, (0, None))(k_eval, iteration)
-        ret, ret_det = jax.device_get(eval_fn(ts.params, ts.normalizer, eval_keys))
-        wall = time.time() - start
-        for i, writer in enumerate(writers):
-            csv_files[i].write(f"{step},{wall:.3f},{ret[i]:.6f},{ret_det[i]:.6f}\n")
-            csv_files[i].flush()
-            writer.add_scalar("eval/return", float(ret[i]), step)
-            writer.add_scalar("eval/return_deterministic", float(ret_det[i]), step)
-        print(f"eval step={step:,} return={np.array2string(ret, precision=1)} "
-              f"deterministic={np.array2string(ret_det, precision=1)}", flush=True)
-
-    if args.num_evals > 1:
-        run_eval(0, 0)
-    train_time, last_print, loop_start = 0.0, 0.0, time.time()
-    for iteration in range(1, args.num_iterations + 1):
-        t0 = time.time()
-        ts, metrics = iteration_fn(ts)
-        metrics = jax.device_get(metrics)
-        train_time += time.time() - t0
-        if args.num_resets_per_eval > 0 and iteration % args.iterations_per_epoch == 0:
-            env_state, k_env = reset_fn(k_env)
-            ts = ts.replace(env_state=env_state)
-        step = iteration * args.steps_per_iteration
-        sps = step / max(train_time, 1e-9)  # per seed, compile excluded (compiled ahead of time)
-        for i, writer in enumerate(writers):
-            writer.add_scalar("charts/SPS", sps, step)
-            for name in ("total_loss", "policy_loss", "v_loss", "entropy_loss", "entropy", "approx_kl", "clipfrac"):
-                writer.add_scalar(f"losses/{name}", float(metrics[name][i]), step)
-            if metrics["episodes"][i] > 0:
-                writer.add_scalar("charts/episodic_return", float(metrics["episodic_return"][i]), step)
-        if iteration in eval_iterations:
-            run_eval(step, iteration)
-        now = time.time() - start
-        if iteration in eval_iterations or now - last_print > 5.0:
-            last_print = now
-            eta = (time.time() - loop_start) / iteration * (args.num_iterations - iteration)  # evals included
-            print(f"step {step:,}/{args.steps_run:,} | SPS {sps:,.0f} per seed ({sps * args.num_seeds:,.0f} total) | "
-                  f"v_loss {np.mean(metrics['v_loss']):.3f} | ETA {eta:.0f} s", flush=True)
-
-    if args.save_model:
-        for i, run_dir in enumerate(dirs):
-            state = jax.tree.map(lambda x, i=i: np.asarray(x[i]), (ts.params, ts.opt_state, ts.normalizer))
-            save_checkpoint(run_dir / "checkpoints" / f"ppo_{args.steps_run}.msgpack",
-                            dict(params=state[0], opt_state=state[1], normalizer=state[2], step=args.steps_run))
-    for writer, csv in zip(writers, csv_files, strict=True):
-        writer.close()
-        csv.close()
-    print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(d) for d in dirs)}")
+    try:
+        train(tyro.cli(Args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

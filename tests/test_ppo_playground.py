@@ -4,8 +4,12 @@ The CLI runs share one persistent JAX compilation cache and one set of shapes, s
 """
 
 import ast
+import dataclasses
 import json
 import math
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import jax
@@ -24,7 +28,9 @@ CPU_CFG = [
     "--num-minibatches", "16", "--unroll-length", "20", "--num-updates-per-batch", "16",
     "--value-hidden-sizes", "64", "64", "64", "--num-eval-envs", "16", "--num-seeds", "2", "--discounting", "0.97",
 ]
-TINY = [*CPU_CFG, "--total-steps", "20000", "--num-evals", "2", "--episode-length", "1000"]
+# 2 evaluations and 2 hard resets between them: Brax's rounding gives 2 iterations of 10,240 env steps.
+TINY = [*CPU_CFG, "--total-steps", "20000", "--num-evals", "2", "--num-resets-per-eval", "2",
+        "--episode-length", "1000"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def run_ppo(cache: Path, *args: str, check: bool = True):
 # Math against independent numbers
 # ---------------------------------------------------------------------------------------------------------------
 def gae_python(truncation, termination, rewards, values, bootstrap, lam, gamma):
-    """REFERENCE section 4, written as a plain loop over time for each env, in float64."""
+    """docs/ppo.md "GAE", written as a plain loop over time for each env, in float64."""
     T, B = rewards.shape
     vs, adv = np.zeros((T, B)), np.zeros((T, B))
     for b in range(B):
@@ -152,11 +158,12 @@ def test_ppo_loss_and_gradients_match_brax():
     from brax.training.agents.ppo import losses as brax_losses
     from brax.training.agents.ppo import networks as brax_networks
 
-    args = P.resolve_args(P.Args(env_id="CartpoleBalance", policy_hidden_sizes=(8, 8), value_hidden_sizes=(16, 16)))
     D, A, B, T = 5, 2, 6, 7
+    args = P.resolve_args(P.Args(env_id="CartpoleBalance", policy_hidden_sizes=(8, 8), value_hidden_sizes=(16, 16)))
+    args = dataclasses.replace(args, observation_size=D, action_size=A)
     rng = np.random.default_rng(4)  # numpy data: no eager JAX ops to compile one by one
     dummy = jnp.zeros((1, D))
-    params = {"policy": jax.jit(P.policy_net(args, A).init)(jax.random.PRNGKey(0), dummy),
+    params = {"policy": jax.jit(P.policy_net(args).init)(jax.random.PRNGKey(0), dummy),
               "value": jax.jit(P.value_net(args).init)(jax.random.PRNGKey(1), dummy)}
     mean, std = rng.normal(size=D), rng.uniform(0.5, 3.0, size=D)
     norm = P.Normalizer(jnp.asarray(50), *(jnp.asarray(x, jnp.float32) for x in (mean, np.zeros(D), std)))
@@ -186,7 +193,7 @@ def test_ppo_loss_and_gradients_match_brax():
             p, brax_norm, data, key, net, entropy_cost=args.entropy_cost, discounting=args.discounting,
             reward_scaling=args.reward_scaling, gae_lambda=args.gae_lambda, clipping_epsilon=args.clipping_epsilon)
 
-    ours_fn = jax.jit(jax.value_and_grad(lambda p: P.ppo_loss(p, norm, batch, key, args, A), has_aux=True))
+    ours_fn = jax.jit(jax.value_and_grad(lambda p: P.ppo_loss(p, norm, batch, key, args), has_aux=True))
     (ours, metrics), grads = ours_fn(params)
     (theirs, brax_metrics), brax_grads = jax.jit(jax.value_and_grad(brax_loss, has_aux=True))(brax_params)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
@@ -211,13 +218,81 @@ def test_resolved_config_fixes_pendulum_and_keeps_finger_spin_discount():
     assert cartpole.num_eval_envs == 128 and cartpole.clipping_epsilon == 0.3 and cartpole.max_grad_norm is None
 
 
-def test_step_count_is_exact_up_to_one_iteration():
-    args = P.resolve_args(P.Args(env_id="CartpoleBalance"))
-    assert args.steps_per_iteration == 983_040
-    assert args.num_iterations == 62 and args.steps_run == 62 * 983_040  # >= 60M, < 60M + one iteration
-    assert args.brax_steps == 90 * 983_040  # what Brax's rounding runs: 88.5M
-    assert args.iterations_per_epoch == 1
-    assert P.resolve_args(P.Args(env_id="AcrobotSwingup")).total_steps == 100_000_000
+def test_iterations_and_evaluations_match_brax_at_playground_defaults():
+    """Brax's ppo.train at Playground's config: (num_evals - 1) x num_resets_per_eval x ceil(T / (that x S))
+    iterations of S = 1024 x 32 x 30 = 983,040 env steps, evaluated before training and after every 10 epochs."""
+    cartpole = P.resolve_args(P.Args(env_id="CartpoleBalance"))  # 60M: ceil(60M / (9 x 10 x S)) = 1
+    assert cartpole.steps_per_iteration == 983_040
+    assert (cartpole.num_iterations, cartpole.total_steps_resolved, cartpole.iterations_per_epoch) == (
+        90, 88_473_600, 1)
+    assert cartpole.eval_steps == tuple(k * 10 * 983_040 for k in range(10))
+    acrobot = P.resolve_args(P.Args(env_id="AcrobotSwingup"))  # 100M: ceil(100M / (9 x 10 x S)) = 2
+    assert acrobot.total_steps == 100_000_000
+    assert (acrobot.num_iterations, acrobot.total_steps_resolved, acrobot.iterations_per_epoch) == (
+        180, 176_947_200, 2)
+    assert acrobot.eval_steps == tuple(k * 20 * 983_040 for k in range(10))
+
+
+# S = 4 x 2 x 5 = 40 env steps per iteration in every case below.
+SMALL = dict(num_envs=4, batch_size=4, num_minibatches=2, unroll_length=5, action_repeat=1)
+
+
+@pytest.mark.parametrize("num_evals,resets,total,iterations,eval_iterations", [
+    (4, 2, 700, 18, (0, 6, 12, 18)),  # 3 blocks x 2 epochs x ceil(700 / (6 x 40)) = 3 iterations
+    (3, 0, 500, 14, (0, 7, 14)),  # no resets: 2 blocks of one epoch x ceil(500 / (2 x 40)) = 7 iterations
+    (1, 0, 300, 8, (8,)),  # num_evals 1: one block, no evaluation before training
+])
+def test_brax_rounding_by_hand(num_evals, resets, total, iterations, eval_iterations):
+    args = P.resolve_args(P.Args(num_evals=num_evals, num_resets_per_eval=resets, total_steps=total, **SMALL))
+    assert args.num_iterations == iterations and args.total_steps_resolved == 40 * iterations
+    assert args.eval_steps == tuple(40 * i for i in eval_iterations)
+
+
+@pytest.mark.slow
+def test_eval_steps_equal_those_of_brax_ppo_train(monkeypatch):
+    """Brax's own ppo.train (tiny networks, ~45 s on 2 cores) reports its evaluations at our eval_steps."""
+    # brax 0.14.2 calls jax.device_put_replicated, which JAX 0.10 removed; one CPU device here
+    replicate = lambda x, devices: jax.tree.map(lambda a: jnp.asarray(a)[None], x)
+    monkeypatch.setattr(jax, "device_put_replicated", replicate, raising=False)
+    import functools
+
+    from brax.training.agents.ppo import networks as brax_networks
+    from brax.training.agents.ppo import train as brax_ppo
+    from mujoco_playground import wrapper
+
+    args = P.resolve_args(P.Args(num_evals=4, num_resets_per_eval=2, total_steps=700, episode_length=20,
+                                 num_eval_envs=2, num_updates_per_batch=1, **SMALL))
+    steps = []
+    brax_ppo.train(P.make_env(args), num_timesteps=700, num_evals=4, num_resets_per_eval=2, episode_length=20,
+                   num_eval_envs=2, num_updates_per_batch=1, **SMALL, wrap_env_fn=wrapper.wrap_for_brax_training,
+                   network_factory=functools.partial(brax_networks.make_ppo_networks, policy_hidden_layer_sizes=(4,),
+                                                     value_hidden_layer_sizes=(4,)),
+                   progress_fn=lambda step, metrics: steps.append(step))
+    assert tuple(steps) == args.eval_steps == (0, 240, 480, 720)
+
+
+def test_iteration_rounding_is_the_plain_ceil_budget(capsys):
+    cartpole = P.resolve_args(P.Args(env_id="CartpoleBalance", step_rounding="iteration"))
+    assert cartpole.num_iterations == 62 and cartpole.total_steps_resolved == 62 * 983_040  # 60M <= it < 60M + S
+    assert cartpole.eval_steps == tuple(983_040 * math.ceil(k * 62 / 9) for k in range(10))
+    assert capsys.readouterr().err == ""
+    # 3 iterations cannot hold 9 evaluations after step 0: every iteration gets one, and one line says why.
+    short = P.resolve_args(P.Args(step_rounding="iteration", total_steps=120, num_evals=10, **SMALL))
+    assert short.eval_steps == (0, 40, 80, 120)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "room for 3 of the 9 evaluations" in err
+
+
+def test_unknown_playground_keys_are_named_in_one_warning(monkeypatch, capsys):
+    from mujoco_playground.config import dm_control_suite_params
+
+    real = dm_control_suite_params.brax_ppo_config("CartpoleBalance").to_dict()
+    fake = lambda env_id: types.SimpleNamespace(to_dict=lambda: real | dict(network_factory={}, clip_eps=0.2))
+    monkeypatch.setattr(dm_control_suite_params, "brax_ppo_config", fake)
+    args = P.resolve_args(P.Args())
+    assert args.num_envs == 2048
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ") and "clip_eps, network_factory" in err
 
 
 def test_flags_override_playground_values():
@@ -231,12 +306,10 @@ def test_flags_override_playground_values():
     (dict(batch_size=0), "--batch-size must be positive"),
     (dict(unroll_length=-1), "--unroll-length must be positive"),
 ])
-def test_bad_input_is_refused_in_one_line(overrides, needle, capsys):
-    with pytest.raises(SystemExit) as exc:
+def test_bad_input_is_refused_in_one_line(overrides, needle):
+    with pytest.raises(P.UserError) as exc:
         P.resolve_args(P.Args(**overrides))
-    assert exc.value.code != 0
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
+    assert "\n" not in str(exc.value) and needle in str(exc.value)
 
 
 def test_every_args_field_is_used():
@@ -254,6 +327,23 @@ def test_import_has_no_side_effects():
     assert not hasattr(P, "args") and not hasattr(P, "env") and not hasattr(P, "writers")
 
 
+def test_import_does_not_load_playground_or_tensorboard():
+    check = "import ppo_playground, sys; assert not {'mujoco_playground', 'tensorboardX'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", check], cwd=REPO, check=True)
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a real run would create runs/ here
+    assert P.train(P.Args(env_id="AcrobotSwingup", num_seeds=2, dry_run=True)) == []
+    config = json.loads(capsys.readouterr().out)
+    assert list(tmp_path.iterdir()) == []
+    assert (config["num_iterations"], config["total_steps_resolved"]) == (180, 176_947_200)
+    assert config["eval_steps"][:2] == [0, 19_660_800] and len(config["eval_steps"]) == 10
+    assert (config["observation_size"], config["action_size"]) == (6, 1)  # from the loaded env
+    assert config["discounting"] == 0.995 and config["clipping_epsilon"] == 0.3 and config["impl"] == "jax"
+    assert config["seed"] == 1 and config["seed_index"] == 0 and "dry_run" not in config
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,7 +358,7 @@ def test_cli_bad_input_one_line_error():
     """As a user sees it: exit code, no traceback, one line (the other refusals are checked in-process above)."""
     flags, needle = ["--env-id", "Nope"], "valid DM Control ids"
     proc = run_script("ppo_playground.py", *flags, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0]
@@ -290,18 +380,29 @@ def test_cli_smoke_writes_run_folder(tiny_runs):
         record = json.loads((run_dir / "args.json").read_text())
         assert record["env_id"] == "CartpoleBalance" and record["exp_name"] == "tiny" and record["seed"] == seed
         assert record["num_envs"] == 64 and record["entropy_cost"] == 0.01  # a flag and a Playground value
-        assert record["steps_run"] % record["steps_per_iteration"] == 0 and record["steps_run"] >= 20000
+        assert record["total_steps_resolved"] == 2 * record["steps_per_iteration"] == 20480
         assert record["versions"]["jax"] == jax.__version__
         assert "git_commit" in record
         assert (run_dir / "eval.csv").read_text().splitlines()[0] == "step,wall_time,return,return_deterministic"
         rows = read_eval(run_dir)
-        assert [int(r["step"]) for r in rows] == [0, record["steps_run"]]
+        assert [int(r["step"]) for r in rows] == record["eval_steps"] == [0, 20480]
         scalars = read_tb_scalars(run_dir)
         for tag in ("charts/SPS", "eval/return", "eval/return_deterministic", "losses/policy_loss",
                     "losses/v_loss", "losses/entropy_loss"):
             assert tag in scalars, tag
-        assert [s for s, _ in scalars["eval/return"]] == [0, record["steps_run"]]
+        assert [s for s, _ in scalars["eval/return"]] == record["eval_steps"]
         assert list((run_dir / "checkpoints").glob("*.msgpack"))
+
+
+@same_worker
+def test_dry_run_prints_what_args_json_holds(tiny_runs, tmp_path):
+    """The same flags as the tiny run but another --run-dir: the printed object is its first args.json but for that."""
+    flags = [*TINY, "--seed", "3", "--exp-name", "tiny", "--save-model", "--run-dir", str(tmp_path / "dry")]
+    printed = json.loads(run_script("ppo_playground.py", *flags, "--dry-run").stdout)
+    assert list(tmp_path.iterdir()) == []
+    written = json.loads((tiny_runs[0] / "args.json").read_text())
+    assert printed.pop("run_dir") == str(tmp_path / "dry") and written.pop("run_dir") != str(tmp_path / "dry")
+    assert printed == written
 
 
 @same_worker
@@ -321,13 +422,14 @@ def test_equal_seeds_give_identical_returns(tiny_runs, compile_cache, tmp_path):
 @pytest.mark.slow
 def test_learns_cartpole_balance(compile_cache, tmp_path):
     """CPU-sized PPO on CartpoleBalance for 204,800 env steps (Playground's settings with smaller batches and a
-    shorter discount horizon, 0.97: at 0.995 a CPU budget this small learns on some seeds only).
+    shorter discount horizon, 0.97: at 0.995 a CPU budget this small learns on some seeds only). Four evaluation
+    blocks of 5 epochs of one iteration: 20 iterations of 10,240 env steps, hard resets after each.
 
     The baseline is measured in the same run: the step-0 evaluation of the randomly initialised stochastic policy
     (random actions, about 250 here; a balanced pole scores about 1000). The mean final return over the two vmapped
     seeds must clearly beat it (measured: 250 -> 440)."""
-    run_ppo(compile_cache, *CPU_CFG, "--total-steps", "204800", "--num-evals", "5", "--seed", "1",
-            "--run-dir", str(tmp_path / "learn"))
+    run_ppo(compile_cache, *CPU_CFG, "--total-steps", "204800", "--num-evals", "5", "--num-resets-per-eval", "5",
+            "--seed", "1", "--run-dir", str(tmp_path / "learn"))
     rows = [read_eval(tmp_path / f"learn__{seed}") for seed in (1, 2)]
     random_return = np.mean([float(r[0]["return"]) for r in rows])
     final = np.mean([float(r[-1]["return"]) for r in rows])
