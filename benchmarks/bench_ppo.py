@@ -51,13 +51,13 @@ class Config:
     value_hidden_sizes: tuple[int, ...] = (64, 64, 64)
     """value MLP (Brax/Playground: 5 x 256)"""
     total_steps: int = 614_400
-    """env steps per training run in measurement 1; 20 iterations, a multiple of Brax's block so both run it exactly"""
+    """env steps per training run in measurement 1 (20 iterations; both trainers use Brax's rounding)"""
     num_evals: int = 3
     """evaluations (Brax counts the one at step 0); Brax's SPS is taken over the last block"""
     num_eval_envs: int = 128
     """evaluation episodes"""
     seeds_total_steps: int = 307_200
-    """env steps per seed in measurement 3"""
+    """env steps per seed in measurement 3 (10 iterations, --step-rounding iteration)"""
     skip_brax: bool = False
     """skip measurement 1"""
     skip_seeds: bool = False
@@ -75,7 +75,8 @@ def ppo_flags(cfg: Config, total_steps: int) -> list[str]:
 
 
 def resolved(cfg: Config, total_steps: int) -> ours.Args:
-    return ours.resolve_args(tyro.cli(ours.Args, args=ppo_flags(cfg, total_steps)))
+    """Our resolved config, env sizes included (the env is loaded again where it is used)."""
+    return ours.setup(tyro.cli(ours.Args, args=ppo_flags(cfg, total_steps)))[0]
 
 
 def time_ours(args: ours.Args) -> dict:
@@ -84,7 +85,7 @@ def time_ours(args: ours.Args) -> dict:
     keys = jnp.stack([jax.random.PRNGKey(args.seed)])
     reset_fn = jax.jit(jax.vmap(functools.partial(ours.reset_training_envs, env, args)))
     env_state, k_env = reset_fn(keys)
-    ts = jax.jit(jax.vmap(functools.partial(ours.init_train_state, env, args)))(keys, env_state)
+    ts = jax.jit(jax.vmap(functools.partial(ours.init_ppo_state, args)))(keys, env_state)
     t0 = time.time()
     step = jax.jit(jax.vmap(functools.partial(ours.training_iteration, env, args)), donate_argnums=0)
     step = step.lower(ts).compile()
@@ -99,7 +100,7 @@ def time_ours(args: ours.Args) -> dict:
     train_s = time.time() - t0
     ret, ret_det = jax.jit(jax.vmap(functools.partial(ours.evaluate, env, args)))(
         ts.params, ts.normalizer, keys)
-    return dict(sps=args.steps_run / train_s, steps=args.steps_run, compile_s=compile_s,
+    return dict(sps=args.total_steps_resolved / train_s, steps=args.total_steps_resolved, compile_s=compile_s,
                 eval_return=float(ret[0]), eval_return_deterministic=float(ret_det[0]))
 
 
@@ -171,7 +172,7 @@ def time_rollout_only(args: ours.Args, repeats: int = 5) -> float:
     env = ours.make_env(args)
     keys = jnp.stack([jax.random.PRNGKey(args.seed)])
     env_state, _ = jax.jit(jax.vmap(functools.partial(ours.reset_training_envs, env, args)))(keys)
-    ts = jax.jit(jax.vmap(functools.partial(ours.init_train_state, env, args)))(keys, env_state)
+    ts = jax.jit(jax.vmap(functools.partial(ours.init_ppo_state, args)))(keys, env_state)
     rollout = jax.jit(jax.vmap(lambda ts, k: ours.collect_rollout(env, args, ts, k)))
     out = rollout(ts, keys)  # compile
     jax.block_until_ready(out)
@@ -215,7 +216,7 @@ if __name__ == "__main__":
           f"{results['rollout_sps'] / results['random_sps']:.2f} of raw stepping", flush=True)
 
     if not cfg.skip_seeds:
-        flags = ppo_flags(cfg, cfg.seeds_total_steps)
+        flags = [*ppo_flags(cfg, cfg.seeds_total_steps), "--step-rounding", "iteration"]
         with tempfile.TemporaryDirectory() as tmp:
             vmapped = time_cli([*flags, "--num-seeds", "4"], f"{tmp}/vmapped")
             sequential = sum(time_cli([*flags, "--seed", str(s)], f"{tmp}/seq{s}") for s in range(1, 5))
