@@ -429,7 +429,8 @@ def curve_series(rows, metric: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Aggregates across tasks: IQM, probability of improvement, performance profiles (docs/plot_ci.md, "Aggregates")
+# Aggregates across tasks: IQM, probability of improvement, performance profiles
+# (docs/plot_ci.md, "Aggregates across tasks").
 # Agarwal et al., "Deep Reinforcement Learning at the Edge of the Statistical Precipice", NeurIPS 2021.
 # Every function takes normalised scores with runs on the last axis and keeps leading axes (bootstrap resamples).
 # ---------------------------------------------------------------------------

@@ -340,10 +340,16 @@ def test_run_with_only_nan_returns_is_listed_not_averaged(tmp_path, capsys):
     assert "mixed seed 2: last step 4,000,000, best-any —" in text
 
 
-def test_demo_runs(tmp_path, capsys):
-    """The docs' example (docs/plot_ci.md, "Example"): the table and the aggregates it quotes."""
+def test_demo_runs(tmp_path, capsys, monkeypatch):
+    """The docs' example (docs/plot_ci.md, "Example"): its command prints exactly the text the docs show."""
+    monkeypatch.chdir(tmp_path)
+    write_demo_runs("demo_runs")
     out = tmp_path / "out"
-    text = main_ok(capsys, write_demo_runs(tmp_path / "demo"), "--aggregate", "--out", out)
+    text = main_ok(capsys, "demo_runs", "--baseline", REPO / "data/official_tdmpc2/hopper-hop.csv", "--baseline",
+                   REPO / "data/official_tdmpc2/cheetah-run.csv", "--aggregate", "--out", out)
+    docs = (REPO / "docs" / "plot_ci.md").read_text()
+    shown = docs.split("--aggregate --out plots\n```\n\n")[1].split("\n**Reading it.**")[0]
+    assert text == shown
     rows = table_rows(text)
     assert rows["HopperHop", "glass_off_1m"]["Runs"] == "5" and rows["HopperHop", "tdmpc2_k256"]["Runs"] == "4"
     assert "HopperHop / tdmpc2_k256 seed 5: last step 3,000,000" in text.split("Not used")[1]
