@@ -1,5 +1,6 @@
-"""plot_ci.py: Student-t intervals against independent numbers, the countable rule, and end-to-end runs on
-fixture run folders written here (TD-MPC and PPO formats), plus one real tiny tdmpc2_jax.py run."""
+"""plot_ci.py: Student-t intervals and the across-task aggregates against independent numbers (hand-worked values,
+scipy, rliable), the countable rule, the baseline's step unit, and end-to-end runs on fixture run folders written
+here (TD-MPC and PPO formats), plus one real tiny tdmpc2_jax.py run."""
 
 import csv
 import itertools
