@@ -328,6 +328,8 @@ class Result:
     tol: float
     ok: bool
     note: str = ""
+    allowance_used: float = 0.0  # parameter steps: the worst element's |diff| / its allowance
+    normwise: float = 0.0  # parameter steps: beyond-rounding |diff| norm / official step norm
 
 
 # Tolerances (docs/fidelity.md justifies each). Forward values, losses and gradients: max |ours - official| as a
@@ -351,8 +353,8 @@ class Checker:
         self.results: list[Result] = []
         self.size, self.start = 0, ""
 
-    def add(self, name, max_abs, rel, tol, ok, note=""):
-        r = Result(self.size, self.start, name, float(max_abs), float(rel), tol, bool(ok), note)
+    def add(self, name, max_abs, rel, tol, ok, note="", **extra):
+        r = Result(self.size, self.start, name, float(max_abs), float(rel), tol, bool(ok), note, **extra)
         self.results.append(r)
         print(f"  {'ok  ' if r.ok else 'FAIL'} {r.start:9s} {r.name:44s} max abs {r.max_abs:9.2e}  rel {r.rel:9.2e}"
               f"  tol {r.tol:7.1e}{'  ' + r.note if r.note else ''}", flush=True)
@@ -391,7 +393,8 @@ class Checker:
             if max(ratio, norm / TOL_STEP_NORM) >= max(worst_ratio, worst_norm / TOL_STEP_NORM):
                 worst_el, worst_ratio, worst_norm, worst_path = diff.max(initial=0.0), ratio, norm, keystr(path)
         self.add(name, worst_el, worst_el / lr, TOL_STEP_NORM, ok,
-                 f"{worst_ratio:.2f} of the element allowance; normwise {worst_norm:.1e}; worst {worst_path}")
+                 f"{worst_ratio:.2f} of the element allowance; normwise {worst_norm:.1e}; worst {worst_path}",
+                 allowance_used=worst_ratio, normwise=worst_norm)
 
 
 def keystr(path) -> str:
@@ -459,9 +462,9 @@ def check_size(check: Checker, official, size: int, draw_seed: int, starts=("ini
     init_agent = official.module.TDMPC2(cfg)
     args = our_args(size)
     check.size = size
-    count = lambda module: sum(p.numel() for p in module.parameters())
-    print(f"\nmodel size {size}: {count(init_agent.model):,} official parameters, {count(init_agent.model._Qs):,} "
-          "of them in the Q ensemble", flush=True)
+    count = lambda module: sum(p.numel() for p in module.parameters() if p.requires_grad)
+    print(f"\nmodel size {size}: {count(init_agent.model):,} trained official parameters, "
+          f"{count(init_agent.model._Qs):,} of them in the Q ensemble", flush=True)
     bad = compare_hyperparameters(args, our_defaults(), cfg, official.config, init_agent)
     if bad:
         raise UserError(f"model size {size}: hyperparameters differ: {', '.join(bad)}")
@@ -573,23 +576,93 @@ def check_plan(check, run, state, scale, agent):
         check.close(f"plan {step} ({label}): mean", prev_mean, off._prev_mean.numpy(), TOL_PLAN)
 
 
+def release_behaviours(official, size: int, draw_seed: int) -> None:
+    """Measure the two behaviours of the 2023 release that differ from the paper and the current official code."""
+    torch = official.torch
+    print(f"\n2023-release behaviours (model size {size}, perturbed start; measured, not part of PASS/FAIL):")
+    cfg = official_cfg(official, size, dropout=official.config["dropout"])
+    torch.manual_seed(draw_seed)
+    state, scale = perturb(official, official.module.TDMPC2(cfg), draw_seed + 1)
+    obs, action, reward = make_batch(np.random.default_rng(draw_seed), cfg)
+    draws = FixedDraws(draw_seed, HEAD_PAIR[cfg.num_q], ELITE_INDEX)
+    agent = official_agent(official, cfg, state, scale)
+    agent.model.eval()
+    with torch.no_grad(), draws.official(torch):
+        next_z = agent.model.encode(torch.from_numpy(obs[1:]), None)
+        targets = [agent._td_target(next_z, torch.from_numpy(reward[..., None]), None) for _ in range(2)]
+        z = next_z[0, :cfg.num_samples]
+        actions = torch.from_numpy(np.clip(draws.normal((cfg.horizon, len(z), ACTION_DIM)), -1, 1))
+        values = [agent._estimate_value(z, actions, None) for _ in range(2)]
+        agent.model.track_q_grad(False)  # as in the policy update
+        pi_qs = [agent.model.Q(next_z, agent.model.pi(next_z, None)[1], None, return_type="avg") for _ in range(2)]
+        agent.model.track_q_grad(True)
+    control = official_agent(official, official_cfg(official, size), state, scale)
+    control.model.eval()
+    with torch.no_grad(), draws.official(torch):
+        control_targets = [control._td_target(next_z, torch.from_numpy(reward[..., None]), None) for _ in range(2)]
+    ensemble_training = agent.model._Qs.modules().training
+    print(f"  dropout {cfg.dropout}, model.eval() called; the ensemble's vmapped module still has training="
+          f"{ensemble_training}")
+    for what, pair in [("TD target", targets), ("MPPI value estimate", values),
+                       ("policy-loss Q, after track_q_grad(False)", pi_qs)]:
+        print(f"  {what}: two calls with the same inputs and draws differ by up to "
+              f"{(pair[0] - pair[1]).abs().max().item():.3g} (|value| up to {pair[0].abs().max().item():.3g})")
+    control_diff = (control_targets[0] - control_targets[1]).abs().max().item()
+    print(f"  control, dropout 0: the two TD targets differ by {control_diff:.3g}")
+
+    cfg = official_cfg(official, size)
+    buffer = types.SimpleNamespace(sample=lambda: (torch.from_numpy(obs), torch.from_numpy(action),
+                                                   torch.from_numpy(reward[..., None]), None))
+    norms = {}
+    for clear in (False, True):
+        agent = official_agent(official, cfg, state, scale)
+        with draws.official(torch):
+            first = agent.update(buffer)
+            stale = sum(p.grad.pow(2).sum().item() for p in agent.model._pi.parameters()) ** 0.5
+            if clear:
+                agent.model._pi.zero_grad(set_to_none=True)
+            norms[clear] = (first["grad_norm"], agent.update(buffer)["grad_norm"])
+    print(f"  world-model grad norm, dropout 0: first update {norms[False][0]:.6g}; second update "
+          f"{norms[False][1]:.6g} as released, {norms[True][1]:.6g} with the policy grads cleared first (the previous "
+          f"policy gradient, norm {stale:.6g}, is counted and clipped with the world model's: "
+          f"sqrt({norms[True][1]:.6g}^2 + {stale:.6g}^2) = {np.hypot(norms[True][1], stale):.6g})")
+    args = our_args(size)
+    model = our_model(args)
+    trees = our_trees(agent.model, state)
+    wm_tx, pi_tx = our_optimizers(args, trees["wm"])
+    ours = our_agent(trees["wm"], trees["target_qs"], trees["pi"], scale, wm_tx, pi_tx)
+    batch = (jnp.asarray(obs), jnp.asarray(action), jnp.asarray(reward), jnp.zeros(reward.shape))
+    update = our_update(model, wm_tx, pi_tx)
+    with draws.ours():
+        ours, info1 = update(ours, batch, jax.random.key(0))
+        _, info2 = update(ours, batch, jax.random.key(1))
+    print(f"  ours: first update {float(info1['grad_norm']):.6g}, second update {float(info2['grad_norm']):.6g}")
+
+
 def summary(results: list[Result]) -> str:
-    """Max relative difference per kind of comparison and size (over both starts)."""
-    kinds = {"outputs": "output:", "losses, grad norm, scale": ("update:",), "clipped gradients": "clipped",
-             "parameter steps (of lr)": "parameter step", "MPPI action and mean": "plan"}
+    """Largest differences per kind of comparison and model size (over both starts), as a Markdown table."""
+    kinds = [("forward outputs", "output:", "rel", TOL_FORWARD), ("losses, grad norm, running scale", "update:", "rel",
+              f"{TOL_LOSS:.0e} ({TOL_PI_LOSS:.0e} pi_loss)"), ("clipped gradients", "clipped", "rel", TOL_GRAD),
+             ("parameter steps: max abs diff / lr", "parameter step", "rel", "per element, below"),
+             ("parameter steps: worst element / its allowance", "parameter step", "allowance_used", 1),
+             ("parameter steps: normwise", "parameter step", "normwise", TOL_STEP_NORM),
+             ("MPPI action and mean", "plan", "rel", TOL_PLAN)]
     sizes = sorted({r.size for r in results})
-    lines = ["| comparison | " + " | ".join(f"size {s}: max rel diff" for s in sizes) + " | tolerance |",
+    lines = ["| comparison (max over both starts) | " + " | ".join(f"size {s}" for s in sizes) + " | tolerance |",
              "|---|" + "---|" * len(sizes) + "---|"]
-    for label, prefix in kinds.items():
+    for label, prefix, field, tol in kinds:
         rows = [r for r in results if r.name.startswith(prefix)]
         if not rows:
             continue
         cells = []
-        for s in sizes:
-            mine = [r for r in rows if r.size == s]
-            cells.append(f"{max(r.rel for r in mine):.1e}" + ("" if all(r.ok for r in mine) else " FAIL")
-                         if mine else "-")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {', '.join(sorted({f'{r.tol:.0e}' for r in rows}))} |")
+        for size in sizes:
+            mine = [r for r in rows if r.size == size]
+            worst = max((getattr(r, field) for r in mine), default=None)
+            fail = "" if all(r.ok for r in mine) else " (FAIL)"
+            cells.append("-" if worst is None else f"{worst:.1e}{fail}" if field != "allowance_used" else
+                         f"{worst:.2f}{fail}")
+        tol = f"{tol:.0e}" if isinstance(tol, float) else str(tol)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {tol} |")
     return "\n".join(lines)
 
 
@@ -607,6 +680,8 @@ def main(argv=None) -> int:
     parser.add_argument("--commit-label", default="b67b21c", help="what the checkout is, for the printout")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 5], choices=[1, 5, 19, 48, 317])
     parser.add_argument("--draw-seed", type=int, default=0, help="seed of the fixed draws, batch and perturbation")
+    parser.add_argument("--no-behaviours", dest="behaviours", action="store_false",
+                        help="skip measuring the two 2023-release behaviours (docs/fidelity.md)")
     cli = parser.parse_args(argv)
     try:
         official = load_official(cli.official_src)
@@ -620,6 +695,8 @@ def main(argv=None) -> int:
     try:
         for size in cli.sizes:
             check_size(check, official, size, cli.draw_seed)
+        if cli.behaviours:
+            release_behaviours(official, cli.sizes[0], cli.draw_seed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
