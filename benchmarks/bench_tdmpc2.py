@@ -3,12 +3,11 @@
     python benchmarks/bench_tdmpc2.py                   # update / plan / env / full-loop timings (HopperHop)
     python benchmarks/bench_tdmpc2.py --learning-curve  # + the tiny-model CartpoleBalance run to 30k env steps
 
-Every time is the median of `--repeats` calls after one compiling call. Numbers go into README.md by hand, with
-the machine they came from; nothing here is asserted.
+Every time is the median of `--repeats` calls after one compiling call. Numbers go into docs/tdmpc2.md by hand,
+with the machine they came from; nothing here is asserted.
 """
 
 import argparse
-import dataclasses
 import os
 import platform
 import subprocess
@@ -45,11 +44,12 @@ def timed(fn, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
-def make_trainer(env_id: str, seed_vector_steps: int, **overrides):
-    args = T.resolve_args(T.Args(env_id=env_id, impl="jax", pretrain_updates=0, buffer_size=100_000, **overrides))
-    venv = T.VectorEnv(T.load_env(env_id, "jax"), args.action_repeat)
-    args = dataclasses.replace(args, iterations=args.iterations or 6 + 2 * (venv.action_dim >= 20))
-    return T.Trainer(args, venv, T.discount_heuristic(venv.max_agent_steps), seed_vector_steps), args
+def make_trainer(env_id: str, seed_vector_steps: int, num_envs: int, **overrides):
+    venv = T.VectorEnv(T.load_env(env_id, "jax"), action_repeat=2)
+    args = T.Args(env_id=env_id, impl="jax", num_envs=num_envs, seed_steps=seed_vector_steps * num_envs * 2,
+                  pretrain_updates=0, buffer_size=100_000, **overrides)
+    args = T.resolve_args(args, venv)
+    return T.Trainer(args, venv), args
 
 
 def filled_carry(trainer, vector_steps: int):
@@ -69,8 +69,8 @@ def bench_pieces(env_id: str, repeats: int):
                                                                    repeats=repeats) / 10
         for num_envs in (1, 16):
             obs = T.observation(carry.env_state)[:num_envs]
-            act = jax.jit(lambda c, o, k, tr=trainer, n=num_envs: tr.act(
-                c.agent, o, c.plan_mean[:n], c.episode_step[:n] == 0, k, "mppi"))
+            act = jax.jit(lambda c, o, k, tr=trainer, n=num_envs: T.act_mppi(
+                tr.model, c.agent, o, c.plan_mean[:n], c.episode_step[:n] == 0, k, eval_mode=False))
             rows[f"MPPI plan, model size {size}, {num_envs} env(s), 512 samples"] = timed(
                 act, carry, obs, jax.random.key(2), repeats=repeats)
     return rows
@@ -85,8 +85,11 @@ def bench_full_loop(env_id: str, collect_policy: str, repeats: int, vector_steps
     venv = trainer.venv
     obs = T.observation(carry.env_state)
     t_env = timed(jax.jit(venv.step), carry.env_state, carry.plan_mean[:, 0], repeats=repeats)
-    t_act = timed(jax.jit(lambda c, k: trainer.act(c.agent, obs, c.plan_mean, c.episode_step == 0, k, collect_policy)),
-                  carry, jax.random.key(3), repeats=repeats)
+    if collect_policy == "pi":
+        act = lambda c, k: T.act_pi(trainer.model, c.agent, obs, k, eval_mode=False)
+    else:
+        act = lambda c, k: T.act_mppi(trainer.model, c.agent, obs, c.plan_mean, c.episode_step == 0, k, eval_mode=False)
+    t_act = timed(jax.jit(act), carry, jax.random.key(3), repeats=repeats)
     t_updates = timed(jax.jit(lambda c, k: trainer.run_updates(c.agent, c.buffer, k, args.k_update)),
                       carry, jax.random.key(4), repeats=repeats)
     parts = t_env + t_act + t_updates
@@ -100,7 +103,7 @@ def bench_full_loop(env_id: str, collect_policy: str, repeats: int, vector_steps
 
 def learning_curve():
     """The learning test's tiny model and flags (tests/conftest.py) on CartpoleBalance, run on to 30k env steps with an
-    eval every 5k (the README's learning-curve row)."""
+    eval every 5k (the learning-curve row of docs/tdmpc2.md)."""
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import LEARN_TDMPC2
 

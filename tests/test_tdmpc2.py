@@ -4,11 +4,13 @@ and learning on CartpoleBalance."""
 import json
 import math
 import re
+from functools import partial
 from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import TINY_TDMPC2, learning_run, read_eval, run_script, unused_args_fields
 from flax import serialization
@@ -17,6 +19,9 @@ from scipy import stats
 import tdmpc2_jax as T
 
 BINS = dict(num_bins=101, vmin=-10.0, vmax=10.0)  # bin width 0.2, bin i at -10 + 0.2 i
+# Networks and planner small enough that an in-process training chunk compiles and runs in seconds.
+TINY_NETS = dict(model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16, batch_size=8, num_samples=16, num_elites=2,
+                 num_pi_trajs=2, iterations=1, buffer_size=2000)
 
 
 # --- pure math ---
@@ -105,12 +110,12 @@ def test_first_nonfinite_names_loss_and_step():
 
 
 # --- MPPI on a toy world model: reward -(a - 0.5)^2, static latent, zero policy and values ----------------------------
-class ToyNets:
-    """Same interface as tdmpc2_jax.Networks; the optimal first action is 0.5."""
+class ToyModel:
+    """Same interface as tdmpc2_jax.WorldModel; the optimal first action is 0.5."""
 
     def __init__(self, **planner):
         base = dict(horizon=3, num_samples=256, num_elites=32, num_pi_trajs=0, iterations=6, min_std=0.05,
-                    max_std=2.0, temperature=0.5, num_q=2, **BINS)
+                    max_std=2.0, temperature=0.5, num_q=2, discount=0.99, **BINS)
         self.args = SimpleNamespace(**{**base, **planner})
         self.action_dim = 1
 
@@ -128,35 +133,35 @@ class ToyNets:
         return jnp.zeros(z.shape[0]), jnp.zeros(z.shape[0])
 
 
-def toy_plan(nets, key, eval_mode=True):
+def toy_plan(model, key, eval_mode=True):
     agent = SimpleNamespace(wm_params={"qs": None}, pi_params=None)
-    plan = jax.jit(lambda k: T.plan(nets, agent, jnp.zeros(4), jnp.zeros((3, 1)), True, k, 0.99, eval_mode))
+    plan = jax.jit(lambda k: T.plan(model, agent, jnp.zeros(4), jnp.zeros((3, 1)), True, k, eval_mode))
     return plan(key)
 
 
 def test_mppi_moves_towards_optimum():
     keys = jax.random.split(jax.random.key(0), 5)
-    actions = np.asarray(jax.vmap(lambda k: toy_plan(ToyNets(), k)[0])(keys))[:, 0]
+    actions = np.asarray(jax.vmap(lambda k: toy_plan(ToyModel(), k)[0])(keys))[:, 0]
     assert (abs(actions - 0.5) < 0.15).all(), actions
-    _, mean = toy_plan(ToyNets(), jax.random.key(0))
+    _, mean = toy_plan(ToyModel(), jax.random.key(0))
     assert abs(float(mean[0, 0]) - 0.5) < 0.1  # the planned mean of every step goes there, not only the action
 
 
 def test_mppi_picks_elites_by_score():
     # At a huge temperature the score is one-hot on the best elite: its first action is the best of ~1500 samples.
-    nets = ToyNets(temperature=1e6, iterations=6)
-    action, _ = toy_plan(nets, jax.random.key(1))
+    model = ToyModel(temperature=1e6, iterations=6)
+    action, _ = toy_plan(model, jax.random.key(1))
     assert abs(float(action[0]) - 0.5) < 0.01
     # With one elite the mean is that elite, and it beats the sampling mean 0 it started from.
-    action, mean = toy_plan(ToyNets(num_elites=1, iterations=1), jax.random.key(2))
+    action, mean = toy_plan(ToyModel(num_elites=1, iterations=1), jax.random.key(2))
     assert float(action[0]) == pytest.approx(float(mean[0, 0]), abs=1e-6)
     assert abs(float(action[0]) - 0.5) < 0.5
 
 
 def test_mppi_exploration_noise_only_in_training():
-    nets = ToyNets(iterations=3)
-    eval_action, _ = toy_plan(nets, jax.random.key(3), eval_mode=True)
-    train_action, _ = toy_plan(nets, jax.random.key(3), eval_mode=False)
+    model = ToyModel(iterations=3)
+    eval_action, _ = toy_plan(model, jax.random.key(3), eval_mode=True)
+    train_action, _ = toy_plan(model, jax.random.key(3), eval_mode=False)
     assert float(eval_action[0]) != float(train_action[0])
 
 
@@ -198,7 +203,11 @@ def test_every_args_field_is_used():
     assert unused_args_fields("tdmpc2_jax.py") == []
 
 
-# --- bad input ---
+# --- the resolved config and the official protocol ---
+# What resolve_args reads from the env: DM Control with action repeat 2 (1000 env steps = 500 agent steps).
+DMC_ENV = SimpleNamespace(impl="jax", episode_length=1000, action_dim=4, max_agent_steps=500)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -209,11 +218,12 @@ def test_every_args_field_is_used():
         (dict(total_steps=0), "--total-steps must be positive"),
         (dict(num_envs=-4), "--num-envs must be positive"),
         (dict(latent_dim=100), "must be a multiple of --simnorm-dim"),
+        (dict(seed_steps=1000), "--seed-steps (1000) must cover at least horizon=3 vector steps (1536 env steps)"),
     ],
 )
 def test_resolve_args_refuses_impossible_settings(overrides, message):
     with pytest.raises(T.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        T.resolve_args(T.Args(**overrides))
+        T.resolve_args(T.Args(**overrides), DMC_ENV)
 
 
 def test_unwritable_run_folder_refused():
@@ -221,9 +231,73 @@ def test_unwritable_run_folder_refused():
         T.prepare_run_dir(T.Args(run_dir="/proc/not_writable"))
 
 
-def test_resolve_args_fills_model_size():
-    args = T.resolve_args(T.Args(model_size=1, mlp_dim=64))
+def test_resolve_args_fills_model_size_and_env_defaults():
+    args = T.resolve_args(T.Args(model_size=1, mlp_dim=64), DMC_ENV)
     assert (args.enc_dim, args.mlp_dim, args.latent_dim, args.num_enc_layers, args.num_q) == (256, 64, 128, 2, 2)
+    assert (args.impl, args.episode_length, args.discount, args.iterations) == ("jax", 1000, 0.99, 6)
+    # 256 envs x action repeat 2 = 512 env steps per vector step: the official 5 episodes (5,000 env steps) round
+    # up to 10 vector steps = 5,120 env steps, followed by 10 x k_update = 2,560 pretraining updates.
+    assert (args.seed_steps, args.pretrain_updates) == (5120, 2560)
+    assert T.resolve_args(T.Args(), SimpleNamespace(**{**vars(DMC_ENV), "action_dim": 21})).iterations == 8
+
+
+def test_one_env_one_update_resolves_to_the_official_protocol():
+    """Official DMC protocol (trainer/online_trainer.py): 2,500 agent steps (5 episodes of 500) of uniform random
+    actions = 5,000 env steps, then 2,500 pretraining updates, then one update per agent step."""
+    args = T.resolve_args(T.Args(num_envs=1, k_update=1), DMC_ENV)
+    assert (args.seed_steps, args.pretrain_updates) == (5000, 2500)
+    seed_vector_steps = args.seed_steps // 2
+    schedule = [int(T.updates_at(v, seed_vector_steps, args)) for v in [0, 2498, 2499, 2500, 9999]]
+    assert schedule == [0, 0, 2500, 1, 1]
+
+
+def test_official_protocol_end_to_end():
+    """--num-envs 1 --k-update 1 on 50-agent-step episodes: seeding is max(1000, 5 episodes) = 1,000 agent steps,
+    i.e. 20 whole episodes; the 1,000-update burst comes after the last of them; then one update per agent step.
+    The Adam step count of the policy optimiser counts the updates."""
+    venv = T.VectorEnv(T.load_env("CartpoleBalance", "jax", episode_length=100), action_repeat=2)
+    args = T.resolve_args(T.Args(env_id="CartpoleBalance", num_envs=1, k_update=1, **TINY_NETS), venv)
+    assert (args.seed_steps, args.pretrain_updates) == (2000, 1000)
+    trainer = T.Trainer(args, venv)
+    chunk = jax.jit(partial(trainer.chunk, num_vector_steps=5))
+    carry = jax.jit(trainer.init)(jax.random.key(0))
+    updates = lambda carry: int(optax.tree_utils.tree_get(carry.agent.pi_opt_state, "count"))
+    for _ in range(199):
+        carry, _ = chunk(carry)
+    assert int(carry.vector_step) == 995 and updates(carry) == 0
+    carry, _ = chunk(carry)  # vector steps 995-999: the last seed steps, then the burst
+    assert updates(carry) == 1000
+    np.testing.assert_array_equal(np.asarray(carry.buffer.episode_step[:1000, 0]), np.tile(np.arange(50), 20))
+    carry, _ = chunk(carry)
+    assert updates(carry) == 1005
+
+
+def test_nan_reward_is_not_stored(monkeypatch):
+    """A diverged simulation can return a NaN reward: the run goes on, the buffer and the losses stay finite."""
+    env = T.load_env("CartpoleBalance", "jax", episode_length=100)
+    real_step = env.step
+    monkeypatch.setattr(env, "step", lambda state, action: real_step(state, action).replace(reward=jnp.nan))
+    venv = T.VectorEnv(env, action_repeat=2)
+    args = T.resolve_args(T.Args(env_id="CartpoleBalance", num_envs=2, k_update=2, seed_steps=40, **TINY_NETS), venv)
+    trainer = T.Trainer(args, venv)
+    carry = jax.jit(trainer.init)(jax.random.key(0))
+    assert np.isnan(venv.step(carry.env_state, jnp.zeros((2, 1)))[1]).all()  # the env does return NaN rewards
+    carry, (_, info) = jax.jit(partial(trainer.chunk, num_vector_steps=20))(carry)
+    assert int(carry.buffer.size) == 20 and np.isfinite(np.asarray(carry.buffer.reward)).all()
+    assert T.first_nonfinite(jax.device_get(info)) is None
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
+    proc = run_script("tdmpc2_jax.py", "--env-id", "CartpoleBalance", "--dry-run", "--run-dir", str(tmp_path / "x"))
+    config = json.loads(proc.stdout)
+    assert config["seed_steps"] == 5120 and config["pretrain_updates"] == 2560 and config["discount"] == 0.99
+    assert (config["impl"], config["latent_dim"], config["iterations"]) == ("jax", 512, 6)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())
+
+
+def test_speed_and_eta_count_only_timed_chunks():
+    assert T.speed_and_eta(0, 0.0, 1000) == "SPS - | ETA -"
+    assert T.speed_and_eta(2000, 4.0, 3600 * 500) == "SPS 500 | ETA 1:00:00"
 
 
 def test_cli_help_lists_flags():
@@ -251,7 +325,7 @@ def test_cli_bad_input_one_line_error(flags, message):
 def test_tiny_run_writes_run_folder(tdmpc2_tiny_run):
     record = json.loads((tdmpc2_tiny_run / "args.json").read_text())
     assert record["env_id"] == "CartpoleBalance" and record["exp_name"] == "tiny" and record["seed"] == 1
-    assert record["versions"]["jax"] and record["latent_dim"] == 16
+    assert record["metadata"]["versions"]["jax"] and record["latent_dim"] == 16 and record["discount"] == 0.95
     rows = read_eval(tdmpc2_tiny_run)
     assert list(rows[0]) == ["step", "wall_time", "return_pi", "return_mppi"]
     assert [int(r["step"]) for r in rows] == [0, 400, 800]
