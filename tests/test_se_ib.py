@@ -2,7 +2,9 @@
 loss, the CLI, bit-for-bit parity with tdmpc2_jax.py when the regularisers are off, and learning on CartpoleBalance."""
 
 import dataclasses
+import json
 import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,8 @@ import tdmpc2_jax as T
 # have volume 1 (total 2) and cut 1 - 2 * .37 = .26: L = -2 * (.26 / 2) * ln(1 / 2) = .26 ln 2.
 WORKED_SOURCE = [[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]]
 WORKED_TARGET = [[0.8, 0.2], [0.9, 0.1], [0.1, 0.9], [0.2, 0.8]]
+# What resolve_args reads from the env: DM Control with action repeat 2 (1000 env steps = 500 agent steps).
+DMC_ENV = SimpleNamespace(impl="jax", episode_length=1000, action_dim=4, max_agent_steps=500)
 
 
 def cycle(next_module, rounds: int = 3):
@@ -135,8 +139,8 @@ def test_gradients_finite_at_one_hot_and_uniform(kind):
 
 
 # --- wiring into the world-model loss ---
-class LinearNets:
-    """The parts of se_ib_tdmpc2.Networks that world_model_loss uses, as one-matrix maps (the real networks take
+class LinearModel:
+    """The parts of se_ib_tdmpc2.WorldModel that world_model_loss uses, as one-matrix maps (the real networks take
     half a minute to compile on 2 cores): SimNorm latents, zero reward and Q logits."""
 
     def __init__(self, args: S.Args):
@@ -163,14 +167,14 @@ class LinearNets:
 
 def world_model_loss_at(args: S.Args):
     """(loss, (zs, info)), grads of world_model_loss on fixed random data, and the consistency targets next_z."""
-    nets = LinearNets(args)
-    params = nets.init(jax.random.key(0))
+    model = LinearModel(args)
+    params = model.init(jax.random.key(0))
     k_obs, k_act = jax.random.split(jax.random.key(1))
     obs = jax.random.normal(k_obs, (args.horizon + 1, 6, 5))
     action = jax.random.uniform(k_act, (args.horizon, 6, 2), minval=-1, maxval=1)
     zeros = jnp.zeros((args.horizon, 6))
-    next_z = nets.encode(params, obs[1:])
-    loss = lambda p: S.world_model_loss(nets, p, obs, action, zeros, zeros, next_z, None)
+    next_z = model.encode(params, obs[1:])
+    loss = lambda p: S.world_model_loss(model, p, obs, action, zeros, zeros, next_z, None)
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params), next_z
 
 
@@ -186,7 +190,7 @@ def ib_by_hand(z0, next_z, rho: float, simnorm_dim: int) -> float:
 
 
 def test_regularisers_added_to_world_model_loss():
-    base = S.resolve_args(S.Args(latent_dim=16))
+    base = S.resolve_args(S.Args(latent_dim=16), DMC_ENV)
     ((off, (zs, info_off)), grads_off), next_z = world_model_loss_at(base)
     assert "se" not in info_off and "ib" not in info_off
     for se_2d in [False, True]:
@@ -213,11 +217,11 @@ def test_regularisers_added_to_world_model_loss():
 def test_off_traces_the_tdmpc2_graph():
     # With both coefficients 0 the regularisers are skipped at trace time: the jaxpr is tdmpc2_jax.py's.
     def jaxpr(module):
-        args = module.resolve_args(module.Args(model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16))
-        nets = module.Networks(args, obs_dim=5, action_dim=2)
-        wm_params, _ = jax.eval_shape(nets.init, jax.random.key(0))
+        args = module.resolve_args(module.Args(model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16), DMC_ENV)
+        model = module.WorldModel(args, obs_dim=5, action_dim=2)
+        wm_params, _ = jax.eval_shape(model.init, jax.random.key(0))
         obs, action = jnp.zeros((4, 6, 5)), jnp.zeros((3, 6, 2))
-        fn = lambda p: module.world_model_loss(nets, p, obs, action, jnp.zeros((3, 6)), jnp.zeros((3, 6)),
+        fn = lambda p: module.world_model_loss(model, p, obs, action, jnp.zeros((3, 6)), jnp.zeros((3, 6)),
                                                jnp.zeros((3, 6, 16)), jax.random.key(2))[0]
         return str(jax.make_jaxpr(jax.grad(fn))(wm_params))
 
@@ -241,11 +245,11 @@ def test_every_args_field_is_used():
 )
 def test_resolve_args_refuses_bad_regulariser_settings(overrides, message):
     with pytest.raises(S.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        S.resolve_args(S.Args(**overrides))
+        S.resolve_args(S.Args(**overrides), DMC_ENV)
 
 
 def test_resolve_args_accepts_dividing_super_modules():
-    args = S.resolve_args(S.Args(se_coef=0.1, se_2d=True, num_super_modules=4))
+    args = S.resolve_args(S.Args(se_coef=0.1, se_2d=True, num_super_modules=4), DMC_ENV)
     assert (args.se_coef, args.se_2d, args.num_super_modules) == (0.1, True, 4)
 
 
@@ -256,6 +260,15 @@ def test_cli_help_and_one_line_error():
     proc = run_script("se_ib_tdmpc2.py", "--se-2d", "--ib-coef", "0.1", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --se-2d needs a positive --se-coef (it chooses which SE loss is used)"
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
+    proc = run_script("se_ib_tdmpc2.py", "--env-id", "CartpoleBalance", "--se-coef", "0.1", "--se-2d", "--dry-run",
+                      "--run-dir", str(tmp_path / "x"))
+    config = json.loads(proc.stdout)  # one JSON object and nothing else on stdout
+    assert (config["se_coef"], config["ib_coef"], config["se_2d"], config["num_super_modules"]) == (0.1, 0.0, True, 2)
+    assert config["seed_steps"] == 5120 and config["discount"] == 0.99 and config["latent_dim"] == 512
+    assert not list(tmp_path.iterdir())
 
 
 # --- runs ---
