@@ -57,8 +57,7 @@ class Args:
     dry_run: bool = False
     """load the env, print the resolved config (what args.json would hold) as one JSON object, and exit"""
     step_rounding: Literal["brax", "iteration"] = "brax"
-    """brax: the iterations and evaluation steps Brax's ppo.train runs (whole blocks between evaluations, which can
-    overshoot --total-steps: 60M runs 88.5M); iteration: ceil(total_steps / steps_per_iteration) iterations"""
+    """brax: the iterations and eval points of Brax's ppo.train (60M runs 88.5M); iteration: ceil(total / iteration)"""
 
     # Algorithm specific arguments (None = Playground's value for this env_id, or Brax's default)
     total_steps: Optional[int] = None
@@ -325,7 +324,8 @@ def compute_gae(truncation, termination, rewards, values, bootstrap_value, lambd
 
     Generalised advantage estimation, Schulman et al. 2016 ("High-Dimensional Continuous Control Using Generalized
     Advantage Estimation", eq. 16), as `brax/training/agents/ppo/losses.py` compute_gae computes it: nothing is
-    bootstrapped across a truncation, and the advantage is the one-step TD error of the lambda-returns vs."""
+    bootstrapped across a truncation, and the advantage is the one-step TD error bootstrapping on the next
+    lambda-return vs_{t+1} (not vs_t - V_t; docs/ppo.md, "GAE as Brax computes it")."""
     values_next = jnp.concatenate([values[1:], bootstrap_value[None]], axis=0)
     not_trunc = 1.0 - truncation
     not_term = 1.0 - termination
