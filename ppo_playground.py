@@ -161,7 +161,7 @@ def playground_defaults(env_id: str) -> dict:
 def iteration_schedule(args: Args) -> tuple[int, int, tuple[int, ...]]:
     """(iterations_per_epoch, num_iterations, eval_iterations): Brax's ppo.train loop, or the plain ceil budget.
 
-    Brax (train.py) runs max(num_evals - 1, 1) evaluation blocks, each of max(num_resets_per_eval, 1) training
+    Brax (ppo/train.py) runs max(num_evals - 1, 1) evaluation blocks, each of max(num_resets_per_eval, 1) training
     epochs of ceil(T / (blocks x epochs x S)) iterations, hard-resets the training envs after every epoch when
     num_resets_per_eval > 0, and evaluates before training (only when num_evals > 1) and after every block."""
     num_blocks = max(args.num_evals - 1, 1)
