@@ -610,13 +610,13 @@ LOSS_NAMES = ("total_loss", "policy_loss", "v_loss", "entropy_loss", "entropy", 
 def train(args: Args) -> list[Path]:
     """Train args.num_seeds seeds (vmapped) and write one run folder per seed; returns the folders.
 
-    With --dry-run, print the resolved config of the first run (its args.json) as one JSON object and return []."""
+    With --dry-run, print the resolved config of the first run (its args.json without the metadata) as one JSON
+    object and return []."""
     args, env = setup(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]
-    versions, commit = package_versions(), git_commit()
-    records = [run_record(args, i, versions, commit) for i in range(args.num_seeds)]
+    configs = [run_config(args, i) for i in range(args.num_seeds)]
     if args.dry_run:
-        print(json.dumps(records[0], indent=2))
+        print(json.dumps(configs[0], indent=2))
         return []
 
     from tensorboardX import SummaryWriter  # imported here: importing this file stays cheap
@@ -627,13 +627,13 @@ def train(args: Args) -> list[Path]:
           f"{args.iterations_per_epoch} iteration(s)" + ("" if args.num_resets_per_eval > 0 else " disabled"),
           flush=True)
     dirs = run_dirs(args)
-    writers, csv_files = [], []
-    for run_dir, record in zip(dirs, records, strict=True):
+    writers, csv_files, meta = [], [], run_metadata()
+    for run_dir, config in zip(dirs, configs, strict=True):
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "args.json", json.dumps(record, indent=2).encode())
+        atomic_write(run_dir / "args.json", json.dumps({**config, "metadata": meta}, indent=2).encode())
         writer = SummaryWriter(str(run_dir))
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in record.items()))
+            f"|{k}|{v}|" for k, v in config.items()))
         writers.append(writer)
         csv = open(run_dir / "eval.csv", "w")  # kept open for the run, flushed per row
         csv.write("step,wall_time,return,return_deterministic\n")
@@ -710,30 +710,29 @@ def train(args: Args) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------------
 # Run folder helpers
 # ---------------------------------------------------------------------------------------------------------------
-def run_record(args: Args, seed_index: int, versions: dict, commit: Optional[str]) -> dict:
-    """args.json of run `seed_index`: the resolved config with that run's seed, the versions and the git commit."""
+def run_config(args: Args, seed_index: int) -> dict:
+    """The resolved config of run `seed_index` (its seed is seed + seed_index): its args.json without the metadata,
+    and for run 0 what --dry-run prints."""
     config = dataclasses.asdict(args)
-    del config["dry_run"]  # how the config is shown, not part of it: --dry-run prints the same object as args.json
-    return config | dict(seed=args.seed + seed_index, seed_index=seed_index, versions=versions, git_commit=commit)
+    del config["dry_run"]  # how the config is shown, not part of it
+    return config | dict(seed=args.seed + seed_index, seed_index=seed_index)
 
 
-def package_versions() -> dict:
-    names = ["jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground", "brax", "numpy", "tyro"]
+def run_metadata() -> dict:
+    """Package versions, git commit and command line, stored under "metadata" in args.json."""
     versions = {}
-    for name in names:
+    for name in ["jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground", "brax", "numpy", "tyro"]:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return versions
-
-
-def git_commit() -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
-    except OSError:
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+        commit = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"versions": versions, "git_commit": commit, "command": " ".join(sys.argv)}
 
 
 def run_dirs(args: Args) -> list[Path]:

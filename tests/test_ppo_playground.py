@@ -381,8 +381,8 @@ def test_cli_smoke_writes_run_folder(tiny_runs):
         assert record["env_id"] == "CartpoleBalance" and record["exp_name"] == "tiny" and record["seed"] == seed
         assert record["num_envs"] == 64 and record["entropy_cost"] == 0.01  # a flag and a Playground value
         assert record["total_steps_resolved"] == 2 * record["steps_per_iteration"] == 20480
-        assert record["versions"]["jax"] == jax.__version__
-        assert "git_commit" in record
+        assert record["metadata"]["versions"]["jax"] == jax.__version__
+        assert "git_commit" in record["metadata"] and "--run-dir" in record["metadata"]["command"]
         assert (run_dir / "eval.csv").read_text().splitlines()[0] == "step,wall_time,return,return_deterministic"
         rows = read_eval(run_dir)
         assert [int(r["step"]) for r in rows] == record["eval_steps"] == [0, 20480]
@@ -396,11 +396,13 @@ def test_cli_smoke_writes_run_folder(tiny_runs):
 
 @same_worker
 def test_dry_run_prints_what_args_json_holds(tiny_runs, tmp_path):
-    """The same flags as the tiny run but another --run-dir: the printed object is its first args.json but for that."""
+    """Same flags as the tiny run but another --run-dir: the printed object is its first args.json but for that
+    and the metadata."""
     flags = [*TINY, "--seed", "3", "--exp-name", "tiny", "--save-model", "--run-dir", str(tmp_path / "dry")]
     printed = json.loads(run_script("ppo_playground.py", *flags, "--dry-run").stdout)
     assert list(tmp_path.iterdir()) == []
     written = json.loads((tiny_runs[0] / "args.json").read_text())
+    del written["metadata"]
     assert printed.pop("run_dir") == str(tmp_path / "dry") and written.pop("run_dir") != str(tmp_path / "dry")
     assert printed == written
 
