@@ -36,10 +36,13 @@ from flax import serialization, struct
 
 @dataclass
 class Args:
+    """The whole configuration. Fields left unset are filled in at run time by `resolve_args`, right after the env
+    loads; `args.json` and `--dry-run` show the resolved values."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
-    """seed of the experiment"""
+    """RNG seed of the run"""
     env_id: str = "HopperHop"
     """MuJoCo Playground environment id (DM Control suite names such as HopperHop, CartpoleBalance)"""
     run_dir: Optional[str] = None
@@ -48,6 +51,8 @@ class Args:
     """write a checkpoint at the end of training"""
     checkpoint_every: Optional[int] = None
     """also write a checkpoint every this many env steps (unset = never)"""
+    dry_run: bool = False
+    """print the resolved config as one JSON object and exit, writing nothing"""
 
     # Training schedule (every step count is in environment steps, action repeat included)
     total_steps: int = 4_000_000
@@ -63,7 +68,8 @@ class Args:
     impl: Optional[Literal["jax", "warp"]] = None
     """MJX backend (unset = warp when a GPU is present, jax otherwise)"""
     seed_steps: Optional[int] = None
-    """env steps of uniform random actions before training (unset = max(1000, 5 episodes) agent steps, official)"""
+    """env steps of uniform random actions before training, rounded up to whole vector steps
+    (unset = max(1000, 5 episodes) agent steps, official)"""
     pretrain_updates: Optional[int] = None
     """updates right after the seed steps (unset = what the UTD rule runs over the seed steps, official)"""
     eval_freq: int = 100_000
@@ -219,13 +225,13 @@ def default_impl() -> str:
     return "warp" if any(d.platform == "gpu" for d in jax.devices()) else "jax"
 
 
-def load_env(env_id: str, impl: str, episode_length: Optional[int] = None):
+def load_env(env_id: str, impl: Optional[str], episode_length: Optional[int] = None):
     from mujoco_playground import registry  # imported here so that importing this file stays cheap
 
     if env_id not in registry.ALL_ENVS:
         dmc = ", ".join(registry.dm_control_suite.ALL_ENVS)
         raise UserError(f"unknown env id {env_id!r}; DM Control ids: {dmc} (see registry.ALL_ENVS for the rest)")
-    overrides = {"impl": impl}
+    overrides = {"impl": impl or default_impl()}
     if episode_length is not None:
         overrides["episode_length"] = episode_length
     return registry.load(env_id, config_overrides=overrides)
@@ -237,15 +243,22 @@ def observation(env_state) -> jax.Array:
     return obs["state"] if isinstance(obs, dict) else obs
 
 
+def finite_or_zero(x: jax.Array) -> jax.Array:
+    """A diverged simulation can return NaN/inf observations and rewards; they must not poison the replay buffer."""
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
 class VectorEnv:
     """`num` copies of a Playground env; one `step` is one agent step of `action_repeat` env steps."""
 
     def __init__(self, env, action_repeat: int):
         self.env = env
         self.action_repeat = action_repeat
+        self.impl = env._config.impl
+        self.episode_length = env._config.episode_length  # env steps
         self.obs_dim = int(np.prod(observation(jax.eval_shape(env.reset, jax.random.key(0))).shape))
         self.action_dim = env.action_size
-        self.max_agent_steps = math.ceil(env._config.episode_length / action_repeat)
+        self.max_agent_steps = math.ceil(self.episode_length / action_repeat)
 
     def reset(self, key: jax.Array, num: int):
         return jax.vmap(self.env.reset)(jax.random.split(key, num))
@@ -278,7 +291,95 @@ class VectorEnv:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pure math: symlog, two-hot, SimNorm, discount, log-probabilities, running scale
+# One resolved config: every run-time default filled in once, right after the env loads
+# ---------------------------------------------------------------------------------------------------------------------
+def discount_heuristic(episode_length: int) -> float:
+    """Official TD-MPC2 discount from the episode length in agent steps: (f-1)/f with f = length/5, clipped."""
+    frac = episode_length / 5
+    return float(min(max((frac - 1) / frac, 0.95), 0.995))
+
+
+def resolve_args(args: Args, venv) -> Args:
+    """Fill every unset field from the model size and the env (`venv`: impl, episode_length, action_dim,
+    max_agent_steps) and refuse impossible settings, before anything is compiled."""
+    if args.model_size not in MODEL_SIZES:
+        raise UserError(f"--model-size must be one of {sorted(MODEL_SIZES)}, got {args.model_size}")
+    enc, mlp, latent, layers, num_q = MODEL_SIZES[args.model_size]
+    fill = lambda value, default: default if value is None else value
+    env_steps_per_vector_step = args.num_envs * args.action_repeat
+    seed_steps = fill(args.seed_steps, max(1000, 5 * venv.max_agent_steps) * args.action_repeat)
+    seed_vector_steps = math.ceil(seed_steps / env_steps_per_vector_step) if env_steps_per_vector_step > 0 else 0
+    args = dataclasses.replace(
+        args,
+        impl=venv.impl,
+        episode_length=venv.episode_length,
+        enc_dim=fill(args.enc_dim, enc),
+        mlp_dim=fill(args.mlp_dim, mlp),
+        latent_dim=fill(args.latent_dim, latent),
+        num_enc_layers=fill(args.num_enc_layers, layers),
+        num_q=fill(args.num_q, num_q),
+        discount=fill(args.discount, discount_heuristic(venv.max_agent_steps)),
+        iterations=fill(args.iterations, 6 + 2 * (venv.action_dim >= 20)),
+        seed_steps=seed_vector_steps * env_steps_per_vector_step,
+        pretrain_updates=fill(args.pretrain_updates, seed_vector_steps * args.k_update),
+    )
+    positive = ["total_steps", "num_envs", "k_update", "action_repeat", "eval_freq", "eval_episodes", "log_freq",
+                "buffer_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "simnorm_dim", "batch_size",
+                "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std", "min_std",
+                "episode_length", "seed_steps", "iterations", "discount"]
+    positive += ["glass_proto_temperature", "glass_assign_temperature", "glass_num_prototypes", "glass_num_clusters",
+                 "glass_every_k_updates"]
+    for name in positive + (["checkpoint_every"] if args.checkpoint_every is not None else []):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    glass_nonnegative = ["glass_lambda_se", "glass_lambda_balance", "glass_lambda_temporal",
+                         "glass_lambda_temp_stability", "glass_lambda_super_se", "glass_lambda_super_balance",
+                         "glass_assign_init_scale", "glass_warmup_steps", "glass_off_step", "latent_smooth_coef",
+                         "latent_smooth_start_step", "arbitration_margin"]
+    for name in ["pretrain_updates", "num_pi_trajs", "collect_noise", "entropy_coef", "dropout"] + glass_nonnegative:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    checks = [
+        (args.num_q >= 2, f"--num-q must be at least 2 (targets use two random heads), got {args.num_q}"),
+        (args.num_bins >= 2, f"--num-bins must be at least 2, got {args.num_bins}"),
+        (args.vmin < args.vmax, f"--vmin ({args.vmin}) must be below --vmax ({args.vmax})"),
+        (args.latent_dim % args.simnorm_dim == 0,
+         f"--latent-dim ({args.latent_dim}) must be a multiple of --simnorm-dim ({args.simnorm_dim})"),
+        (args.num_elites <= args.num_samples,
+         f"--num-elites ({args.num_elites}) must not exceed --num-samples ({args.num_samples})"),
+        (args.num_pi_trajs < args.num_samples,
+         f"--num-pi-trajs ({args.num_pi_trajs}) must be below --num-samples ({args.num_samples})"),
+        (args.min_std <= args.max_std, f"--min-std ({args.min_std}) must not exceed --max-std ({args.max_std})"),
+        (args.log_std_min < args.log_std_max, "--log-std-min must be below --log-std-max"),
+        (args.batch_size <= args.buffer_size,
+         f"--batch-size ({args.batch_size}) is larger than the buffer can hold (--buffer-size {args.buffer_size})"),
+        (args.buffer_size // args.num_envs > args.horizon,
+         f"--buffer-size ({args.buffer_size}) holds fewer than horizon+1 steps per env with {args.num_envs} envs"),
+        (args.discount < 1, f"--discount must be below 1, got {args.discount}"),
+        (seed_vector_steps >= args.horizon,
+         f"--seed-steps ({seed_steps}) must cover at least horizon={args.horizon} vector steps "
+         f"({args.horizon * env_steps_per_vector_step} env steps) so that the first batch has whole sequences"),
+        (args.glass_num_clusters <= args.glass_num_prototypes,
+         f"--glass-num-clusters ({args.glass_num_clusters}) must not exceed --glass-num-prototypes "
+         f"({args.glass_num_prototypes})"),
+        (args.glass_off_step in (None, 0) or args.glass_off_step > args.glass_warmup_steps,
+         f"--glass-off-step ({args.glass_off_step}) must be above --glass-warmup-steps ({args.glass_warmup_steps}), "
+         "or 0 to switch Glass off"),
+        (args.glass_num_super_clusters is None or 2 <= args.glass_num_super_clusters <= args.glass_num_clusters,
+         f"--glass-num-super-clusters must be between 2 and --glass-num-clusters ({args.glass_num_clusters}), "
+         f"got {args.glass_num_super_clusters}"),
+        (args.glass_num_super_clusters is not None
+         or args.glass_lambda_super_se == args.glass_lambda_super_balance == 0,
+         "--glass-lambda-super-se and --glass-lambda-super-balance need --glass-num-super-clusters"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Math: symlog, two-hot, SimNorm, log-probabilities, running scale (official common/math.py, common/scale.py)
 # ---------------------------------------------------------------------------------------------------------------------
 def symlog(x):
     return jnp.sign(x) * jnp.log1p(jnp.abs(x))
@@ -310,15 +411,9 @@ def soft_cross_entropy(logits, target, num_bins: int, vmin: float, vmax: float):
 
 
 def simnorm(x, simnorm_dim: int):
-    """Simplicial normalisation: softmax within consecutive groups of `simnorm_dim` features."""
+    """Simplicial normalisation (TD-MPC2 paper, §3.1): softmax within consecutive groups of `simnorm_dim` features."""
     groups = x.reshape(*x.shape[:-1], -1, simnorm_dim)
     return jax.nn.softmax(groups, axis=-1).reshape(x.shape)
-
-
-def discount_heuristic(episode_length: int) -> float:
-    """Official TD-MPC2 discount from the episode length in agent steps: (f-1)/f with f = length/5, clipped."""
-    frac = episode_length / 5
-    return float(min(max((frac - 1) / frac, 0.95), 0.995))
 
 
 def squashed_gaussian_log_prob(eps, log_std, action):
@@ -469,7 +564,8 @@ def glass_schedule(args: Args, env_step, update_index):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Networks: NormedLinear MLPs (Dense -> Dropout -> LayerNorm -> Mish), SimNorm latent, Q ensemble, policy prior
+# ---------------------------------------------------------------------------------------------------------------------
+# World model: encoder, latent dynamics, reward, Q ensemble and the policy prior (official common/world_model.py)
 # ---------------------------------------------------------------------------------------------------------------------
 def trunc_normal_init(key, shape, dtype=jnp.float32):
     """torch.nn.init.trunc_normal_(std=0.02) as the official code uses it: truncated at +-2 absolute, i.e. +-100 std."""
@@ -477,6 +573,8 @@ def trunc_normal_init(key, shape, dtype=jnp.float32):
 
 
 class MLP(nn.Module):
+    """NormedLinear layers (Dense -> Dropout -> LayerNorm -> Mish), then the output layer."""
+
     hidden_dims: Sequence[int]
     out_dim: int
     simnorm_dim: int = 0
@@ -500,11 +598,12 @@ class MLP(nn.Module):
         return x
 
 
-class Networks:
-    """The TD-MPC2 networks as pure functions of explicit parameters.
+class WorldModel:
+    """The TD-MPC2 world model (paper §3.1) as pure functions of explicit parameters: encoder h, latent dynamics d,
+    reward R, the Q ensemble and, as in the official `WorldModel`, the policy prior p.
 
     World-model params: {"encoder", "dynamics", "reward", "qs", "glass"} (Q heads stacked on a leading axis; Glass's
-    prototypes and assign_logits share the world model's optimiser and clip); the policy has its own params and
+    prototypes and assign_logits share the world model's optimiser and clip); the policy prior has its own params and
     optimiser."""
 
     def __init__(self, args: Args, obs_dim: int, action_dim: int):
@@ -533,17 +632,18 @@ class Networks:
 
     def glass_init(self, key):
         """prototypes = simnorm(N(0, 1)), on the latent's own simplices; assign_logits = init_scale * N(0, 1)."""
-        a = self.args
+        args = self.args
+        num_prototypes, num_clusters = args.glass_num_prototypes, args.glass_num_clusters
         k_proto, k_assign, k_super = jax.random.split(key, 3)
         params = {
-            "prototypes": simnorm(jax.random.normal(k_proto, (a.glass_num_prototypes, a.latent_dim)), a.simnorm_dim),
-            "assign_logits": a.glass_assign_init_scale * jax.random.normal(
-                k_assign, (a.glass_num_prototypes, a.glass_num_clusters)),
+            "prototypes": simnorm(jax.random.normal(k_proto, (num_prototypes, args.latent_dim)), args.simnorm_dim),
+            "assign_logits": args.glass_assign_init_scale * jax.random.normal(k_assign, (num_prototypes, num_clusters)),
         }
-        if a.glass_num_super_clusters is not None:
-            params["super_assign_logits"] = a.glass_assign_init_scale * jax.random.normal(
-                k_super, (a.glass_num_clusters, a.glass_num_super_clusters))
+        if args.glass_num_super_clusters is not None:
+            params["super_assign_logits"] = args.glass_assign_init_scale * jax.random.normal(
+                k_super, (num_clusters, args.glass_num_super_clusters))
         return params
+
 
     def encode(self, wm_params, obs):
         return self.encoder.apply({"params": wm_params["encoder"]}, obs)
@@ -565,16 +665,17 @@ class Networks:
 
     def q_two_random(self, q_params, z, action, key, dropout_key=None):
         """Values of two distinct, randomly chosen Q heads (the official 'min' and 'avg' use these)."""
-        heads = jax.random.choice(key, self.args.num_q, (2,), replace=False)
+        args = self.args
+        heads = jax.random.choice(key, args.num_q, (2,), replace=False)
         pair = jax.tree.map(lambda p: p[heads], q_params)
-        q = two_hot_inv(self.q_logits(pair, z, action, dropout_key), self.args.num_bins, self.args.vmin, self.args.vmax)
+        q = two_hot_inv(self.q_logits(pair, z, action, dropout_key), args.num_bins, args.vmin, args.vmax)
         return q[0], q[1]
 
     def pi(self, pi_params, z, key):
         """Policy prior: returns (tanh(mu), a sample tanh(mu + eps*std), its log-probability)."""
+        args = self.args
         mu, raw_log_std = jnp.split(self.policy.apply({"params": pi_params}, z), 2, axis=-1)
-        a = self.args
-        log_std = a.log_std_min + 0.5 * (a.log_std_max - a.log_std_min) * (jnp.tanh(raw_log_std) + 1)
+        log_std = args.log_std_min + 0.5 * (args.log_std_max - args.log_std_min) * (jnp.tanh(raw_log_std) + 1)
         eps = jax.random.normal(key, mu.shape)
         action = jnp.tanh(mu + eps * jnp.exp(log_std))
         return jnp.tanh(mu), action, squashed_gaussian_log_prob(eps, log_std, action)
@@ -608,8 +709,8 @@ def make_optimizers(args: Args, wm_params: dict):
     return wm_tx, pi_tx
 
 
-def init_agent(nets: Networks, wm_tx, pi_tx, key) -> AgentState:
-    wm_params, pi_params = nets.init(key)
+def init_agent(model: WorldModel, wm_tx, pi_tx, key) -> AgentState:
+    wm_params, pi_params = model.init(key)
     return AgentState(
         wm_params=wm_params,
         target_qs=jax.tree.map(jnp.copy, wm_params["qs"]),
@@ -622,136 +723,164 @@ def init_agent(nets: Networks, wm_tx, pi_tx, key) -> AgentState:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Losses
+# Losses (paper §3.1; official tdmpc2.py: _td_target, _update, update_pi)
 # ---------------------------------------------------------------------------------------------------------------------
-def td_targets(nets: Networks, agent: AgentState, next_z, reward, terminated, discount: float, key):
-    """y = r + gamma * min of two random target heads at (z', a' ~ pi(z')); z' from the online encoder."""
+def td_targets(model: WorldModel, agent: AgentState, next_z, reward, terminated, key):
+    """TD target q_t = r_t + gamma * min of two random target heads at (z', a' ~ pi(z')), z' = h(o_{t+1}) from the
+    online encoder (paper §3.1, the value target of the model objective; official `_td_target`)."""
     k_pi, k_heads = jax.random.split(key)
-    _, next_action, _ = nets.pi(agent.pi_params, next_z, k_pi)
-    q1, q2 = nets.q_two_random(agent.target_qs, next_z, next_action, k_heads)
-    return reward + discount * (1.0 - terminated) * jnp.minimum(q1, q2)
+    _, next_action, _ = model.pi(agent.pi_params, next_z, k_pi)
+    q1, q2 = model.q_two_random(agent.target_qs, next_z, next_action, k_heads)
+    return reward + model.args.discount * (1.0 - terminated) * jnp.minimum(q1, q2)
 
 
-def world_model_loss(nets: Networks, wm_params, obs, action, reward, td_target, next_z, dropout_key, glass_gate):
-    """Consistency + reward + value losses over the H-step latent rollout, step t weighted rho^t (the world-model
-    objective of TD-MPC2, Hansen, Su & Wang, ICLR 2024, Sec. 3.1), plus the Glass loss on the rollout latents
-    (z_0..z_H-1 -> z_1..z_H) where the traced `glass_gate` is open."""
-    a = nets.args
-    horizon = action.shape[0]
-    rho = a.rho ** jnp.arange(horizon)
+def latent_rollout(model: WorldModel, wm_params, z0, actions):
+    """The latents the dynamics predicts from z_0 under the batch's actions: z_{t+1} = d(z_t, a_t), (H, B, latent)."""
 
-    def rollout(z, act):
-        z = nets.next(wm_params, z, act)
+    def step(z, action):
+        z = model.next(wm_params, z, action)
         return z, z
 
-    z0 = nets.encode(wm_params, obs[0])
-    _, z_pred = jax.lax.scan(rollout, z0, action)  # (H, B, latent)
+    return jax.lax.scan(step, z0, actions)[1]
+
+
+def world_model_loss(model: WorldModel, wm_params, obs, action, reward, td_target, next_z, dropout_key, glass_gate):
+    """The model objective of paper §3.1: over the H-step latent rollout from z_0 = h(o_0), each step weighted rho^t,
+    the joint-embedding (consistency) MSE to sg(h(o_{t+1})), the reward cross-entropy and the value cross-entropy of
+    every Q head against the TD target; divided by H (and the value loss also by the number of heads). Plus the
+    Glass loss on the rollout latents (z_0..z_H-1 -> z_1..z_H) where the traced `glass_gate` is open."""
+    args = model.args
+    horizon = action.shape[0]
+    rho = args.rho ** jnp.arange(horizon)
+    z0 = model.encode(wm_params, obs[0])
+    z_pred = latent_rollout(model, wm_params, z0, action)  # (H, B, latent)
     zs = jnp.concatenate([z0[None], z_pred])  # (H+1, B, latent)
 
     consistency = jnp.sum(rho * jnp.mean((z_pred - next_z) ** 2, axis=(1, 2))) / horizon
-    ce = partial(soft_cross_entropy, num_bins=a.num_bins, vmin=a.vmin, vmax=a.vmax)
-    reward_ce = ce(nets.reward(wm_params, zs[:-1], action), reward)  # (H, B)
+    ce = partial(soft_cross_entropy, num_bins=args.num_bins, vmin=args.vmin, vmax=args.vmax)
+    reward_ce = ce(model.reward(wm_params, zs[:-1], action), reward)  # (H, B)
     reward_loss = jnp.sum(rho * reward_ce.mean(axis=1)) / horizon
-    q_ce = ce(nets.q_logits(wm_params["qs"], zs[:-1], action, dropout_key), td_target[None])  # (num_q, H, B)
-    value_loss = jnp.sum(rho * q_ce.mean(axis=2).sum(axis=0)) / (horizon * a.num_q)
-    total = a.consistency_coef * consistency + a.reward_coef * reward_loss + a.value_coef * value_loss
+    q_ce = ce(model.q_logits(wm_params["qs"], zs[:-1], action, dropout_key), td_target[None])  # (num_q, H, B)
+    value_loss = jnp.sum(rho * q_ce.mean(axis=2).sum(axis=0)) / (horizon * args.num_q)
+    total = args.consistency_coef * consistency + args.reward_coef * reward_loss + args.value_coef * value_loss
     info = {"consistency_loss": consistency, "reward_loss": reward_loss, "value_loss": value_loss}
-    if glass_enabled(a):
+    if glass_enabled(args):
         # lax.cond: a closed gate skips the Glass forward and backward pass instead of multiplying it by 0.
         z_src, z_next = (x.reshape(-1, x.shape[-1]) for x in (zs[:-1], zs[1:]))
-        glass = jax.lax.cond(glass_gate, lambda: glass_loss(glass_graph(wm_params["glass"], z_src, z_next, a), a)[0],
+        glass = jax.lax.cond(glass_gate,
+                             lambda: glass_loss(glass_graph(wm_params["glass"], z_src, z_next, args), args)[0],
                              lambda: jnp.zeros(()))
         total = total + glass
         info["glass_loss"] = glass
     return total, (zs, info)
 
 
-def policy_loss(nets: Networks, pi_params, wm_params, zs, scale, key, env_step):
-    """mean_t rho^t * mean_B(entropy_coef * log_pi - Q/S), Q = mean of two random online heads (with dropout), the
-    policy objective of TD-MPC2 (Hansen, Su & Wang, ICLR 2024, Sec. 3.1); plus the extra latent action smoothing
-    c * mean ||tanh mu_pi(z_t+1) - tanh mu_pi(z_t)||^2 over z_0..z_H-1 from its start step when c > 0."""
-    a = nets.args
+def policy_loss(model: WorldModel, pi_params, wm_params, zs, scale, key, env_step):
+    """The policy prior objective of paper §3.1 (maximum-entropy, Q scaled by the running scale S):
+    mean_t rho^t * mean_B(entropy_coef * log_pi - Q/S), Q = mean of two random online heads (with dropout); plus the
+    extra latent action smoothing c * mean ||tanh mu_pi(z_t+1) - tanh mu_pi(z_t)||^2 over z_0..z_H-1 from its start
+    step when c > 0."""
+    args = model.args
     k_pi, k_heads, k_dropout = jax.random.split(key, 3)
-    mean_action, action, log_prob = nets.pi(pi_params, zs, k_pi)
-    q1, q2 = nets.q_two_random(wm_params["qs"], zs, action, k_heads, k_dropout)
+    mean_action, action, log_prob = model.pi(pi_params, zs, k_pi)
+    q1, q2 = model.q_two_random(wm_params["qs"], zs, action, k_heads, k_dropout)
     q = 0.5 * (q1 + q2)  # (H+1, B)
-    scale = running_scale_update(scale, jax.lax.stop_gradient(q[0]), a.tau)
-    rho = a.rho ** jnp.arange(zs.shape[0])
-    loss = jnp.mean(rho * jnp.mean(a.entropy_coef * log_prob - q / scale, axis=1))
+    scale = running_scale_update(scale, jax.lax.stop_gradient(q[0]), args.tau)
+    rho = args.rho ** jnp.arange(zs.shape[0])
+    loss = jnp.mean(rho * jnp.mean(args.entropy_coef * log_prob - q / scale, axis=1))
     info = {"pi_loss": loss, "pi_log_prob": log_prob.mean(), "pi_scale": scale}
-    if a.latent_smooth_coef > 0:
+    if args.latent_smooth_coef > 0:
         # Along the detached rollout latents z_0..z_H-1 (not z_H), as the predecessor code does; the mean action is
         # already computed, so this costs no extra forward pass.
         rollout_action = mean_action[:-1]
         smooth = jnp.mean(jnp.sum((rollout_action[1:] - rollout_action[:-1]) ** 2, axis=-1))
-        loss = loss + jnp.where(env_step >= a.latent_smooth_start_step, a.latent_smooth_coef, 0.0) * smooth
+        loss = loss + jnp.where(env_step >= args.latent_smooth_start_step, args.latent_smooth_coef, 0.0) * smooth
         info = {**info, "pi_loss": loss, "pi_smooth_loss": smooth}
     return loss, (scale, info)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Planner: MPPI over latent rollouts with policy-prior proposals
+# Planner: MPPI over latent rollouts with policy-prior proposals (paper §3.2; official tdmpc2.py: plan)
 # ---------------------------------------------------------------------------------------------------------------------
-def estimate_value(nets: Networks, agent: AgentState, z, actions, discount: float, key):
-    """G = sum_t gamma^t r_t + gamma^H * mean of two random Q heads at (z_H, pi(z_H)).
-    z: (N, latent), actions: (H, N, A)."""
-    a = nets.args
+def estimate_value(model: WorldModel, agent: AgentState, z, actions, key):
+    """Return of a latent trajectory (paper §3.2): G = sum_t gamma^t R(z_t, a_t) + gamma^H * mean of two random
+    Q heads at (z_H, pi(z_H)). z: (N, latent), actions: (H, N, A)."""
+    args = model.args
 
     def step(carry, act):
         z, value, disc = carry
-        r = two_hot_inv(nets.reward(agent.wm_params, z, act), a.num_bins, a.vmin, a.vmax)
-        return (nets.next(agent.wm_params, z, act), value + disc * r, disc * discount), None
+        r = two_hot_inv(model.reward(agent.wm_params, z, act), args.num_bins, args.vmin, args.vmax)
+        return (model.next(agent.wm_params, z, act), value + disc * r, disc * args.discount), None
 
     (z, value, disc), _ = jax.lax.scan(step, (z, jnp.zeros(z.shape[0]), jnp.ones(())), actions)
     k_pi, k_heads = jax.random.split(key)
-    _, action, _ = nets.pi(agent.pi_params, z, k_pi)
-    q1, q2 = nets.q_two_random(agent.wm_params["qs"], z, action, k_heads)
+    _, action, _ = model.pi(agent.pi_params, z, k_pi)
+    q1, q2 = model.q_two_random(agent.wm_params["qs"], z, action, k_heads)
     return value + disc * 0.5 * (q1 + q2)
 
 
-def plan(nets: Networks, agent: AgentState, z, prev_mean, is_first, key, discount: float, eval_mode: bool):
-    """MPPI for one latent state z (latent,). Returns (action, mean plan to warm-start the next step)."""
-    a = nets.args
-    horizon, action_dim = a.horizon, nets.action_dim
+def plan(model: WorldModel, agent: AgentState, z, prev_mean, is_first, key, eval_mode: bool):
+    """MPPI (Williams et al. 2015, as TD-MPC uses it; paper §3.2) for one latent state z (latent,): policy-prior
+    trajectories plus Gaussian samples around a mean warm-started from the previous step, refined over `iterations`
+    rounds of score-weighted elite averaging. Returns (action, mean plan to warm-start the next step)."""
+    args = model.args
+    horizon, action_dim = args.horizon, model.action_dim
     k_pi, k_iters, k_select, k_noise = jax.random.split(key, 4)
 
     def pi_rollout(z, k):
-        _, act, _ = nets.pi(agent.pi_params, z, k)
-        return nets.next(agent.wm_params, z, act), act
+        _, act, _ = model.pi(agent.pi_params, z, k)
+        return model.next(agent.wm_params, z, act), act
 
-    z_pi = jnp.broadcast_to(z, (a.num_pi_trajs, z.shape[-1]))
+    z_pi = jnp.broadcast_to(z, (args.num_pi_trajs, z.shape[-1]))
     _, pi_actions = jax.lax.scan(pi_rollout, z_pi, jax.random.split(k_pi, horizon))  # (H, num_pi, A)
 
-    z_all = jnp.broadcast_to(z, (a.num_samples, z.shape[-1]))
+    z_all = jnp.broadcast_to(z, (args.num_samples, z.shape[-1]))
     shifted = jnp.concatenate([prev_mean[1:], jnp.zeros((1, action_dim))])
     mean = jnp.where(is_first, jnp.zeros_like(prev_mean), shifted)
-    std = jnp.full((horizon, action_dim), a.max_std)
+    std = jnp.full((horizon, action_dim), args.max_std)
 
     def iteration(carry, k):
         mean, std = carry
         k_sample, k_value = jax.random.split(k)
-        noise = jax.random.normal(k_sample, (horizon, a.num_samples - a.num_pi_trajs, action_dim))
+        noise = jax.random.normal(k_sample, (horizon, args.num_samples - args.num_pi_trajs, action_dim))
         sampled = jnp.clip(mean[:, None] + std[:, None] * noise, -1, 1)
         actions = jnp.concatenate([pi_actions, sampled], axis=1)  # (H, num_samples, A)
-        value = jnp.nan_to_num(estimate_value(nets, agent, z_all, actions, discount, k_value), nan=0.0)
-        elite_value, elite_idx = jax.lax.top_k(value, a.num_elites)
+        value = jnp.nan_to_num(estimate_value(model, agent, z_all, actions, k_value), nan=0.0)
+        elite_value, elite_idx = jax.lax.top_k(value, args.num_elites)
         elite_actions = actions[:, elite_idx]  # (H, num_elites, A)
-        score = jax.nn.softmax(a.temperature * (elite_value - elite_value.max()))
+        score = jax.nn.softmax(args.temperature * (elite_value - elite_value.max()))
         weights = score[None, :, None]
         mean = jnp.sum(weights * elite_actions, axis=1) / (score.sum() + 1e-9)
         var = jnp.sum(weights * (elite_actions - mean[:, None]) ** 2, axis=1) / (score.sum() + 1e-9)
-        std = jnp.clip(jnp.sqrt(var), a.min_std, a.max_std)
+        std = jnp.clip(jnp.sqrt(var), args.min_std, args.max_std)
         return (mean, std), (elite_value, elite_actions)
 
     (mean, std), (elite_values, elite_actions) = jax.lax.scan(
-        iteration, (mean, std), jax.random.split(k_iters, a.iterations)
+        iteration, (mean, std), jax.random.split(k_iters, args.iterations)
     )
     # Pick one elite sequence of the last iteration with probability equal to its score.
-    chosen = jax.random.categorical(k_select, a.temperature * (elite_values[-1] - elite_values[-1].max()))
+    chosen = jax.random.categorical(k_select, args.temperature * (elite_values[-1] - elite_values[-1].max()))
     action = elite_actions[-1][0, chosen]
     if not eval_mode:
         action = action + std[0] * jax.random.normal(k_noise, (action_dim,))
     return jnp.clip(action, -1, 1), mean
+
+
+def act_pi(model: WorldModel, agent: AgentState, obs, key, eval_mode: bool):
+    """Policy-prior actions for a batch of observations: the mean in evaluation; in training a sample plus
+    N(0, collect_noise) (the `--collect-policy pi` option)."""
+    k_pi, k_noise = jax.random.split(key)
+    mean_action, sample, _ = model.pi(agent.pi_params, model.encode(agent.wm_params, obs), k_pi)
+    if eval_mode:
+        return mean_action
+    return jnp.clip(sample + model.args.collect_noise * jax.random.normal(k_noise, sample.shape), -1, 1)
+
+
+def act_mppi(model: WorldModel, agent: AgentState, obs, plan_mean, is_first, key, eval_mode: bool):
+    """MPPI actions for a batch of observations, one plan per env; returns (actions, plan means)."""
+    z = model.encode(agent.wm_params, obs)
+    plan_one = partial(plan, model, agent, eval_mode=eval_mode)
+    return jax.vmap(plan_one)(z, plan_mean, is_first, jax.random.split(key, obs.shape[0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -812,31 +941,36 @@ def buffer_sample(buf: ReplayBuffer, valid_cumsum, key, batch_size: int, horizon
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Update: TD targets -> world-model step -> policy step -> Polyak average of the target Qs
+# Update: one gradient step of the world model and of the policy prior (official tdmpc2.py: _update)
 # ---------------------------------------------------------------------------------------------------------------------
-def update(nets: Networks, wm_tx, pi_tx, discount: float, agent: AgentState, batch, key, env_step):
+def update(model: WorldModel, wm_tx, pi_tx, agent: AgentState, batch, key, env_step):
     """One gradient update; `env_step` (traced) is the env step the training has reached, for the schedules."""
     obs, action, reward, terminated = batch
     k_target, k_dropout, k_pi = jax.random.split(key, 3)
-    next_z = nets.encode(agent.wm_params, obs[1:])
-    td_target = td_targets(nets, agent, next_z, reward, terminated, discount, k_target)
 
-    wm_grad_fn = jax.value_and_grad(partial(world_model_loss, nets), has_aux=True)
-    glass_gate = glass_schedule(nets.args, env_step, agent.updates)
+    # Compute targets
+    next_z = model.encode(agent.wm_params, obs[1:])
+    td_target = td_targets(model, agent, next_z, reward, terminated, k_target)
+
+    # Latent rollout, predictions and losses (inside `world_model_loss`), then the model update
+    wm_grad_fn = jax.value_and_grad(partial(world_model_loss, model), has_aux=True)
+    glass_gate = glass_schedule(model.args, env_step, agent.updates)
     (wm_loss, (zs, info)), wm_grads = wm_grad_fn(agent.wm_params, obs, action, reward, td_target, next_z, k_dropout,
                                                  glass_gate)
     updates, wm_opt_state = wm_tx.update(wm_grads, agent.wm_opt_state, agent.wm_params)
     wm_params = optax.apply_updates(agent.wm_params, updates)
 
-    pi_grad_fn = jax.value_and_grad(partial(policy_loss, nets), has_aux=True)
+    # Update policy, on the detached rollout latents and with the just-updated Q-functions
+    pi_grad_fn = jax.value_and_grad(partial(policy_loss, model), has_aux=True)
     zs = jax.lax.stop_gradient(zs)
     (_, (scale, pi_info)), pi_grads = pi_grad_fn(agent.pi_params, wm_params, zs, agent.scale, k_pi, env_step)
     updates, pi_opt_state = pi_tx.update(pi_grads, agent.pi_opt_state, agent.pi_params)
     pi_params = optax.apply_updates(agent.pi_params, updates)
 
+    # Update target Q-functions (Polyak averaging)
     agent = AgentState(
         wm_params=wm_params,
-        target_qs=optax.incremental_update(wm_params["qs"], agent.target_qs, nets.args.tau),
+        target_qs=optax.incremental_update(wm_params["qs"], agent.target_qs, model.args.tau),
         pi_params=pi_params,
         wm_opt_state=wm_opt_state,
         pi_opt_state=pi_opt_state,
@@ -848,8 +982,16 @@ def update(nets: Networks, wm_tx, pi_tx, discount: float, agent: AgentState, bat
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training: collect one vector step -> store -> K updates, scanned into jitted chunks
+# Training loop: collect one vector step -> store -> the schedule's updates, scanned into jitted chunks
 # ---------------------------------------------------------------------------------------------------------------------
+def updates_at(vector_step, seed_vector_steps: int, args: Args):
+    """The official schedule (trainer/online_trainer.py), per vector step: no updates while seeding (uniform random
+    actions), the pretraining burst of `pretrain_updates` right after the last seed step, then `k_update` per vector
+    step. `vector_step` may be traced: all three phases are one compiled program."""
+    after_seeding = jnp.where(vector_step == seed_vector_steps - 1, args.pretrain_updates, args.k_update)
+    return jnp.where(vector_step < seed_vector_steps - 1, 0, after_seeding)
+
+
 @struct.dataclass
 class TrainCarry:
     agent: AgentState
@@ -862,45 +1004,38 @@ class TrainCarry:
     key: jax.Array
 
 
+@struct.dataclass
+class EvalCarry:
+    env_state: object
+    plan_mean: jax.Array  # (episodes, H, A) MPPI warm start of the MPPI half
+    alive: jax.Array  # (2 * episodes,) False once an env signalled done
+    total_return: jax.Array  # (2 * episodes,)
+    t: jax.Array  # agent steps into the episode
+
+
 class Trainer:
-    """The jitted pieces of the training loop for one env and one set of Args.
+    """The jitted pieces of the training loop for one env and one resolved config."""
 
-    Seeding, the pretraining burst and regular training are phases of one program (chosen by the vector-step
-    counter inside jit), so the env step, the planner and the update are each compiled once."""
-
-    def __init__(self, args: Args, venv: VectorEnv, discount: float, seed_vector_steps: int):
-        self.args, self.venv, self.discount = args, venv, discount
-        self.seed_vector_steps = seed_vector_steps
-        self.nets = Networks(args, venv.obs_dim, venv.action_dim)
-        self.wm_tx, self.pi_tx = make_optimizers(args, jax.eval_shape(self.nets.init, jax.random.key(0))[0])
-        self.update = partial(update, self.nets, self.wm_tx, self.pi_tx, discount)
+    def __init__(self, args: Args, venv: VectorEnv):
+        self.args, self.venv = args, venv
+        self.seed_vector_steps = args.seed_steps // (args.num_envs * args.action_repeat)
+        self.model = WorldModel(args, venv.obs_dim, venv.action_dim)
+        self.wm_tx, self.pi_tx = make_optimizers(args, jax.eval_shape(self.model.init, jax.random.key(0))[0])
+        self.update = partial(update, self.model, self.wm_tx, self.pi_tx)
 
     def init(self, key) -> TrainCarry:
-        a, venv = self.args, self.venv
+        args, venv = self.args, self.venv
         k_agent, k_env, k_carry = jax.random.split(key, 3)
         return TrainCarry(
-            agent=init_agent(self.nets, self.wm_tx, self.pi_tx, k_agent),
-            buffer=buffer_init(a.buffer_size // a.num_envs, a.num_envs, venv.obs_dim, venv.action_dim),
-            env_state=venv.reset(k_env, a.num_envs),
-            episode_step=jnp.zeros(a.num_envs, jnp.int32),
-            episode_return=jnp.zeros(a.num_envs),
-            plan_mean=jnp.zeros((a.num_envs, a.horizon, venv.action_dim)),
+            agent=init_agent(self.model, self.wm_tx, self.pi_tx, k_agent),
+            buffer=buffer_init(args.buffer_size // args.num_envs, args.num_envs, venv.obs_dim, venv.action_dim),
+            env_state=venv.reset(k_env, args.num_envs),
+            episode_step=jnp.zeros(args.num_envs, jnp.int32),
+            episode_return=jnp.zeros(args.num_envs),
+            plan_mean=jnp.zeros((args.num_envs, args.horizon, venv.action_dim)),
             vector_step=jnp.zeros((), jnp.int32),
             key=k_carry,
         )
-
-    def act(self, agent: AgentState, obs, plan_mean, is_first, key, mode: str, eval_mode: bool = False):
-        """Actions for a batch of observations with 'pi' (train: sample + noise; eval: mean) or 'mppi'."""
-        z = self.nets.encode(agent.wm_params, obs)
-        if mode == "pi":
-            k_pi, k_noise = jax.random.split(key)
-            mean_action, sample, _ = self.nets.pi(agent.pi_params, z, k_pi)
-            if eval_mode:
-                return mean_action, plan_mean
-            noise = self.args.collect_noise * jax.random.normal(k_noise, sample.shape)
-            return jnp.clip(sample + noise, -1, 1), plan_mean
-        plan_fn = partial(plan, self.nets, agent, discount=self.discount, eval_mode=eval_mode)
-        return jax.vmap(plan_fn)(z, plan_mean, is_first, jax.random.split(key, obs.shape[0]))
 
     def run_updates(self, agent: AgentState, buffer: ReplayBuffer, key, num_updates, env_step):
         """`num_updates` (may be traced) gradient updates on buffer batches at env step `env_step`; returns the mean
@@ -921,27 +1056,32 @@ class Trainer:
         return agent, jax.tree.map(lambda x: x / jnp.maximum(num_updates, 1), info_sum)
 
     def vector_step(self, carry: TrainCarry, _):
-        """One agent step in every env (random while seeding), stored in the buffer, then the phase's updates:
-        none while seeding, the pretraining burst after the last seed step, k_update afterwards."""
-        a, venv = self.args, self.venv
+        """One agent step in every env (uniform random while seeding), stored in the buffer, then the schedule's
+        updates."""
+        args, venv = self.args, self.venv
         key, k_act, k_reset, k_update = jax.random.split(carry.key, 4)
         obs = observation(carry.env_state)
         seeding = carry.vector_step < self.seed_vector_steps
-        random_action = lambda: (jax.random.uniform(k_act, (a.num_envs, venv.action_dim), minval=-1, maxval=1),
-                                 carry.plan_mean)
-        policy_action = lambda: self.act(carry.agent, obs, carry.plan_mean, carry.episode_step == 0, k_act,
-                                         a.collect_policy)
+
+        def random_action():
+            return jax.random.uniform(k_act, (args.num_envs, venv.action_dim), minval=-1, maxval=1), carry.plan_mean
+
+        def policy_action():
+            if args.collect_policy == "pi":
+                return act_pi(self.model, carry.agent, obs, k_act, eval_mode=False), carry.plan_mean
+            is_first = carry.episode_step == 0
+            return act_mppi(self.model, carry.agent, obs, carry.plan_mean, is_first, k_act, eval_mode=False)
+
         action, plan_mean = jax.lax.cond(seeding, random_action, policy_action)
         env_state, reward, terminated = venv.step(carry.env_state, action)
-        next_obs = jnp.nan_to_num(observation(env_state))  # a diverged simulation must not poison the buffer
+        reward, next_obs = finite_or_zero(reward), finite_or_zero(observation(env_state))
         buffer = buffer_add(carry.buffer, obs, action, reward, next_obs, terminated, carry.episode_step)
 
         episode_return = carry.episode_return + reward
         finished = terminated | (carry.episode_step + 1 >= venv.max_agent_steps)
         stats = {"returns_sum": jnp.sum(jnp.where(finished, episode_return, 0.0)), "episodes": finished.sum()}
-        num_updates = jnp.where(seeding, 0, a.k_update)
-        num_updates = jnp.where(carry.vector_step == self.seed_vector_steps - 1, a.pretrain_updates, num_updates)
-        env_step = (carry.vector_step + 1) * a.num_envs * a.action_repeat  # including the step just stored
+        num_updates = updates_at(carry.vector_step, self.seed_vector_steps, args)
+        env_step = (carry.vector_step + 1) * args.num_envs * args.action_repeat  # including the step just stored
         agent, info = self.run_updates(carry.agent, buffer, k_update, num_updates, env_step)
         carry = TrainCarry(
             agent=agent,
@@ -965,108 +1105,144 @@ class Trainer:
         venv, num = self.venv, self.args.eval_episodes
         k_reset, k_steps = jax.random.split(key)
 
-        def step(carry, k):
-            env_state, plan_mean, alive, total, t = carry
+        def step(carry: EvalCarry, k):
             k_pi, k_mppi = jax.random.split(k)
-            obs = observation(env_state)
-            action_pi, _ = self.act(agent, obs[:num], None, None, k_pi, "pi", eval_mode=True)
-            action_mppi, plan_mean = self.act(agent, obs[num:], plan_mean, jnp.full(num, t == 0), k_mppi, "mppi",
+            obs = observation(carry.env_state)
+            action_pi = act_pi(self.model, agent, obs[:num], k_pi, eval_mode=True)
+            is_first = jnp.full(num, carry.t == 0)
+            action_mppi, plan_mean = act_mppi(self.model, agent, obs[num:], carry.plan_mean, is_first, k_mppi,
                                               eval_mode=True)
-            env_state, reward, done = venv.step(env_state, jnp.concatenate([action_pi, action_mppi]))
-            return (env_state, plan_mean, alive & ~done, total + reward * alive, t + 1), None
+            env_state, reward, done = venv.step(carry.env_state, jnp.concatenate([action_pi, action_mppi]))
+            return EvalCarry(
+                env_state=env_state,
+                plan_mean=plan_mean,
+                alive=carry.alive & ~done,
+                total_return=carry.total_return + reward * carry.alive,
+                t=carry.t + 1,
+            ), None
 
-        init = (venv.reset(k_reset, 2 * num), jnp.zeros((num, self.args.horizon, venv.action_dim)),
-                jnp.ones(2 * num, bool), jnp.zeros(2 * num), jnp.zeros((), jnp.int32))
-        (_, _, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(k_steps, venv.max_agent_steps))
-        return total[:num].mean(), total[num:].mean()
+        init = EvalCarry(
+            env_state=venv.reset(k_reset, 2 * num),
+            plan_mean=jnp.zeros((num, self.args.horizon, venv.action_dim)),
+            alive=jnp.ones(2 * num, bool),
+            total_return=jnp.zeros(2 * num),
+            t=jnp.zeros((), jnp.int32),
+        )
+        final, _ = jax.lax.scan(step, init, jax.random.split(k_steps, venv.max_agent_steps))
+        return final.total_return[:num].mean(), final.total_return[num:].mean()
 
     def glass_report(self, agent: AgentState, buffer: ReplayBuffer, key, env_step):
         """Glass at `env_step` on one buffer batch of rollout latents, as the loss sees them, whether or not the
         schedule has Glass on: (whether Glass is active at env_step, whether the buffer holds a batch, scalars: the
         unweighted loss parts, the weighted loss and the diagnostics, the graph's P, A and S matrices)."""
-        a, nets = self.args, self.nets
-        valid_cumsum = jnp.cumsum(valid_starts(buffer, a.horizon).reshape(-1))
-        obs, action, reward, _ = buffer_sample(buffer, valid_cumsum, key, a.batch_size, a.horizon)
-        # The world-model loss's own rollout; its value (with `reward` standing in for the TD targets) is unused.
-        _, (zs, _) = world_model_loss(nets, agent.wm_params, obs, action, reward, reward,
-                                      nets.encode(agent.wm_params, obs[1:]), None, jnp.array(False))
+        args, model, params = self.args, self.model, agent.wm_params
+        valid_cumsum = jnp.cumsum(valid_starts(buffer, args.horizon).reshape(-1))
+        obs, action, _, _ = buffer_sample(buffer, valid_cumsum, key, args.batch_size, args.horizon)
+        z0 = model.encode(params, obs[0])
+        zs = jnp.concatenate([z0[None], latent_rollout(model, params, z0, action)])  # (H+1, B, latent)
         z_src, z_next = (x.reshape(-1, x.shape[-1]) for x in (zs[:-1], zs[1:]))
-        graph = glass_graph(agent.wm_params["glass"], z_src, z_next, a)
-        loss, parts = glass_loss(graph, a)
+        graph = glass_graph(params["glass"], z_src, z_next, args)
+        loss, parts = glass_loss(graph, args)
         scalars = {**parts, "loss": loss, **glass_diagnostics(graph["S"], graph["P"])}
         matrices = {k: graph[k] for k in ("P", "A", "S", "S_super") if k in graph}
-        return glass_active(a, env_step), valid_cumsum[-1] > 0, scalars, matrices
+        return glass_active(args, env_step), valid_cumsum[-1] > 0, scalars, matrices
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Run folder, checkpoints and checks on the command line
+# train(): resolve the config, then alternate jitted training chunks with evaluations, logs and checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
-def resolve_args(args: Args) -> Args:
-    """Fill the model dims from --model-size and refuse impossible settings, before anything is compiled."""
-    if args.model_size not in MODEL_SIZES:
-        raise UserError(f"--model-size must be one of {sorted(MODEL_SIZES)}, got {args.model_size}")
-    enc, mlp, latent, layers, num_q = MODEL_SIZES[args.model_size]
-    fill = lambda value, default: default if value is None else value
-    args = dataclasses.replace(
-        args,
-        enc_dim=fill(args.enc_dim, enc),
-        mlp_dim=fill(args.mlp_dim, mlp),
-        latent_dim=fill(args.latent_dim, latent),
-        num_enc_layers=fill(args.num_enc_layers, layers),
-        num_q=fill(args.num_q, num_q),
+def train(args: Args) -> Optional[Path]:
+    from tensorboardX import SummaryWriter
+
+    venv = VectorEnv(load_env(args.env_id, args.impl, args.episode_length), args.action_repeat)
+    args = resolve_args(args, venv)
+    if args.dry_run:
+        print(json.dumps(dataclasses.asdict(args), indent=2))
+        return None
+    run_dir = prepare_run_dir(args)
+    atomic_write(run_dir / "args.json", json.dumps({**dataclasses.asdict(args), "metadata": run_metadata()},
+                                                    indent=2).encode())
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    arbitrate = args.arbitration_margin is not None
+    columns = ["step", "wall_time", "return_pi", "return_mppi"] + ["return_arb"] * arbitrate
+    eval_log = EvalLog(run_dir / "eval.csv", columns)
+    (run_dir / "glass").mkdir(exist_ok=True)
+
+    trainer = Trainer(args, venv)
+    env_steps_per_vector_step = args.num_envs * args.action_repeat
+    key, k_init = jax.random.split(jax.random.key(args.seed))
+    carry = jax.jit(trainer.init)(k_init)  # jitted: its outputs match the chunk's, so nothing compiles twice
+    chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
+    train_chunk = jax.jit(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), donate_argnums=0)
+    evaluate = jax.jit(trainer.evaluate)
+    glass_report = jax.jit(trainer.glass_report)
+    print(
+        f"{args.env_id} ({args.impl}): obs {venv.obs_dim}, action {venv.action_dim}, discount {args.discount:.4f}; "
+        f"{env_steps_per_vector_step} env steps per vector step, {args.k_update} updates each; "
+        f"{args.seed_steps} seed steps, then {args.pretrain_updates} updates; run folder {run_dir}",
+        flush=True,
     )
-    positive = ["total_steps", "num_envs", "k_update", "action_repeat", "eval_freq", "eval_episodes", "log_freq",
-                "buffer_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "simnorm_dim", "batch_size",
-                "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std", "min_std"]
-    optional_positive = ["episode_length", "seed_steps", "iterations", "checkpoint_every", "discount"]
-    positive += ["glass_proto_temperature", "glass_assign_temperature", "glass_num_prototypes", "glass_num_clusters",
-                 "glass_every_k_updates"]
-    for name in positive + [n for n in optional_positive if getattr(args, n) is not None]:
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    glass_nonnegative = ["glass_lambda_se", "glass_lambda_balance", "glass_lambda_temporal",
-                         "glass_lambda_temp_stability", "glass_lambda_super_se", "glass_lambda_super_balance",
-                         "glass_assign_init_scale", "glass_warmup_steps", "glass_off_step", "latent_smooth_coef",
-                         "latent_smooth_start_step", "arbitration_margin"]
-    for name in ["pretrain_updates", "num_pi_trajs", "collect_noise", "entropy_coef", "dropout"] + glass_nonnegative:
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    checks = [
-        (args.num_q >= 2, f"--num-q must be at least 2 (targets use two random heads), got {args.num_q}"),
-        (args.num_bins >= 2, f"--num-bins must be at least 2, got {args.num_bins}"),
-        (args.vmin < args.vmax, f"--vmin ({args.vmin}) must be below --vmax ({args.vmax})"),
-        (args.latent_dim % args.simnorm_dim == 0,
-         f"--latent-dim ({args.latent_dim}) must be a multiple of --simnorm-dim ({args.simnorm_dim})"),
-        (args.num_elites <= args.num_samples,
-         f"--num-elites ({args.num_elites}) must not exceed --num-samples ({args.num_samples})"),
-        (args.num_pi_trajs < args.num_samples,
-         f"--num-pi-trajs ({args.num_pi_trajs}) must be below --num-samples ({args.num_samples})"),
-        (args.min_std <= args.max_std, f"--min-std ({args.min_std}) must not exceed --max-std ({args.max_std})"),
-        (args.log_std_min < args.log_std_max, "--log-std-min must be below --log-std-max"),
-        (args.batch_size <= args.buffer_size,
-         f"--batch-size ({args.batch_size}) is larger than the buffer can hold (--buffer-size {args.buffer_size})"),
-        (args.buffer_size // args.num_envs > args.horizon,
-         f"--buffer-size ({args.buffer_size}) holds fewer than horizon+1 steps per env with {args.num_envs} envs"),
-        (args.discount is None or args.discount < 1, f"--discount must be below 1, got {args.discount}"),
-        (args.glass_num_clusters <= args.glass_num_prototypes,
-         f"--glass-num-clusters ({args.glass_num_clusters}) must not exceed --glass-num-prototypes "
-         f"({args.glass_num_prototypes})"),
-        (args.glass_off_step in (None, 0) or args.glass_off_step > args.glass_warmup_steps,
-         f"--glass-off-step ({args.glass_off_step}) must be above --glass-warmup-steps ({args.glass_warmup_steps}), "
-         "or 0 to switch Glass off"),
-        (args.glass_num_super_clusters is None or 2 <= args.glass_num_super_clusters <= args.glass_num_clusters,
-         f"--glass-num-super-clusters must be between 2 and --glass-num-clusters ({args.glass_num_clusters}), "
-         f"got {args.glass_num_super_clusters}"),
-        (args.glass_num_super_clusters is not None
-         or args.glass_lambda_super_se == args.glass_lambda_super_balance == 0,
-         "--glass-lambda-super-se and --glass-lambda-super-balance need --glass-num-super-clusters"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    return args
+
+    start_time = time.time()
+    step, next_eval, next_checkpoint = 0, 0, args.checkpoint_every
+    timed_steps, timed_seconds = 0, 0.0  # SPS and ETA count training chunks only (not seeding, not the compile)
+    while True:
+        if step >= next_eval or step >= args.total_steps:
+            key, k_eval = jax.random.split(key)
+            return_pi, return_mppi = map(float, evaluate(carry.agent, k_eval))
+            returns = {"pi": return_pi, "mppi": return_mppi}
+            if arbitrate:  # chosen on the episodes it reports, so (like best-any) an optimistic number
+                returns["arb"] = return_mppi if return_mppi > return_pi + args.arbitration_margin else return_pi
+            eval_log.write(step, round(time.time() - start_time, 2), *returns.values())
+            for mode, value in returns.items():
+                writer.add_scalar(f"eval/return_{mode}", value, step)
+            k_glass = jax.random.fold_in(k_eval, GLASS_KEY_DATA)
+            report = glass_report(carry.agent, carry.buffer, k_glass, jnp.int32(step))
+            write_glass_report(run_dir, writer, report, step)
+            while next_eval <= step:
+                next_eval += args.eval_freq
+        if step >= args.total_steps:
+            break
+        tick = time.time()
+        carry, (stats, info) = train_chunk(carry)
+        stats, info = jax.device_get((stats, info))  # waits for the chunk
+        chunk_start, step = step, step + chunk_vector_steps * env_steps_per_vector_step
+        if (bad := first_nonfinite(info)) is not None:
+            name, index = bad
+            raise UserError(
+                f"non-finite losses/{name} at env step {chunk_start + (index + 1) * env_steps_per_vector_step}; "
+                "stopping (checkpoints written so far are intact)"
+            )
+        if chunk_start >= args.seed_steps:  # the seeding chunks, the burst and the compile come before this
+            timed_steps += step - chunk_start
+            timed_seconds += time.time() - tick
+            writer.add_scalar("charts/SPS", timed_steps / timed_seconds, step)
+        if episodes := int(stats["episodes"].sum()):
+            writer.add_scalar("charts/episodic_return", float(stats["returns_sum"].sum()) / episodes, step)
+        training = np.arange(chunk_start, step, env_steps_per_vector_step) >= args.seed_steps
+        for name, values in info.items():
+            if training.any():
+                writer.add_scalar(f"losses/{name}", float(np.mean(values[training])), step)
+        if next_checkpoint is not None and step >= next_checkpoint:
+            save_checkpoint(run_dir, carry.agent, step)
+            next_checkpoint += args.checkpoint_every
+        speed = speed_and_eta(timed_steps, timed_seconds, args.total_steps - step)
+        print(f"step {step:,}/{args.total_steps:,} | {speed} | last eval: pi {returns['pi']:.1f}, "
+              f"mppi {returns['mppi']:.1f}", flush=True)
+    if args.save_model:
+        save_checkpoint(run_dir, carry.agent, step)
+    writer.close()
+    final = ", ".join(f"{mode} {value:.1f}" for mode, value in returns.items())
+    print(f"done: {step:,} env steps in {format_time(time.time() - start_time)}; final eval: {final}; "
+          f"results in {run_dir}", flush=True)
+    return run_dir
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Run folder, checkpoints, eval.csv and formatting
+# ---------------------------------------------------------------------------------------------------------------------
 def prepare_run_dir(args: Args) -> Path:
     run_dir = Path(args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     try:
@@ -1149,113 +1325,17 @@ def first_nonfinite(info: dict) -> Optional[tuple[str, int]]:
     return None
 
 
+def speed_and_eta(timed_steps: int, timed_seconds: float, steps_left: int) -> str:
+    """'SPS n | ETA h:mm:ss' over the training chunks timed so far ('-' before the first one)."""
+    if not timed_seconds:
+        return "SPS - | ETA -"
+    sps = timed_steps / timed_seconds
+    return f"SPS {sps:,.0f} | ETA {format_time(steps_left / sps)}"
+
+
 def format_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def train(args: Args) -> Path:
-    from tensorboardX import SummaryWriter
-
-    args = resolve_args(args)
-    impl = args.impl or default_impl()
-    venv = VectorEnv(load_env(args.env_id, impl, args.episode_length), args.action_repeat)
-    env_steps_per_vector_step = args.num_envs * args.action_repeat
-    if args.iterations is None:
-        args = dataclasses.replace(args, iterations=6 + 2 * (venv.action_dim >= 20))
-    if args.seed_steps is None:
-        args = dataclasses.replace(args, seed_steps=max(1000, 5 * venv.max_agent_steps) * args.action_repeat)
-    seed_vector_steps = math.ceil(args.seed_steps / env_steps_per_vector_step)
-    if seed_vector_steps < args.horizon:
-        raise UserError(
-            f"--seed-steps ({args.seed_steps}) must cover at least horizon={args.horizon} vector steps "
-            f"({args.horizon * env_steps_per_vector_step} env steps) so that the first batch has whole sequences"
-        )
-    if args.pretrain_updates is None:
-        args = dataclasses.replace(args, pretrain_updates=seed_vector_steps * args.k_update)
-    discount = args.discount if args.discount is not None else discount_heuristic(venv.max_agent_steps)
-    run_dir = prepare_run_dir(args)
-
-    record = {**dataclasses.asdict(args), "impl_resolved": impl, "discount_resolved": discount, **run_metadata()}
-    atomic_write(run_dir / "args.json", json.dumps(record, indent=2).encode())
-    writer = SummaryWriter(str(run_dir))
-    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    arbitrate = args.arbitration_margin is not None
-    columns = ["step", "wall_time", "return_pi", "return_mppi"] + ["return_arb"] * arbitrate
-    eval_log = EvalLog(run_dir / "eval.csv", columns)
-    (run_dir / "glass").mkdir(exist_ok=True)
-
-    trainer = Trainer(args, venv, discount, seed_vector_steps)
-    key, k_init = jax.random.split(jax.random.key(args.seed))
-    carry = jax.jit(trainer.init)(k_init)  # jitted: its outputs match the chunk's, so nothing compiles twice
-    chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
-    train_chunk = jax.jit(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), donate_argnums=0)
-    evaluate = jax.jit(trainer.evaluate)
-    glass_report = jax.jit(trainer.glass_report)
-    print(
-        f"{args.env_id} ({impl}): obs {venv.obs_dim}, action {venv.action_dim}, discount {discount:.4f}; "
-        f"{env_steps_per_vector_step} env steps per vector step, {args.k_update} updates each; "
-        f"{seed_vector_steps * env_steps_per_vector_step} seed steps, then {args.pretrain_updates} updates; "
-        f"run folder {run_dir}",
-        flush=True,
-    )
-
-    start_time = time.time()
-    step, next_eval, next_checkpoint = 0, 0, args.checkpoint_every
-    timed_steps, timed_seconds = 0, 0.0  # SPS counts only chunks after the first (compiling) one
-    while True:
-        if step >= next_eval or step >= args.total_steps:
-            key, k_eval = jax.random.split(key)
-            return_pi, return_mppi = map(float, evaluate(carry.agent, k_eval))
-            returns = {"pi": return_pi, "mppi": return_mppi}
-            if arbitrate:  # chosen on the episodes it reports, so (like best-any) an optimistic number
-                returns["arb"] = return_mppi if return_mppi > return_pi + args.arbitration_margin else return_pi
-            eval_log.write(step, round(time.time() - start_time, 2), *returns.values())
-            for mode, value in returns.items():
-                writer.add_scalar(f"eval/return_{mode}", value, step)
-            k_glass = jax.random.fold_in(k_eval, GLASS_KEY_DATA)
-            report = glass_report(carry.agent, carry.buffer, k_glass, jnp.int32(step))
-            write_glass_report(run_dir, writer, report, step)
-            while next_eval <= step:
-                next_eval += args.eval_freq
-        if step >= args.total_steps:
-            break
-        tick = time.time()
-        carry, (stats, info) = train_chunk(carry)
-        stats, info = jax.device_get((stats, info))  # waits for the chunk
-        chunk_start, step = step, step + chunk_vector_steps * env_steps_per_vector_step
-        if (bad := first_nonfinite(info)) is not None:
-            name, index = bad
-            raise UserError(
-                f"non-finite losses/{name} at env step {chunk_start + (index + 1) * env_steps_per_vector_step}; "
-                "stopping (checkpoints written so far are intact)"
-            )
-        if chunk_start > 0:
-            timed_steps += step - chunk_start
-            timed_seconds += time.time() - tick
-        sps = timed_steps / timed_seconds if timed_seconds else float("nan")
-        if episodes := int(stats["episodes"].sum()):
-            writer.add_scalar("charts/episodic_return", float(stats["returns_sum"].sum()) / episodes, step)
-        training = np.arange(chunk_start, step, env_steps_per_vector_step) >= args.seed_steps
-        for name, values in info.items():
-            if training.any():
-                writer.add_scalar(f"losses/{name}", float(np.mean(values[training])), step)
-        if timed_seconds:
-            writer.add_scalar("charts/SPS", sps, step)
-        if next_checkpoint is not None and step >= next_checkpoint:
-            save_checkpoint(run_dir, carry.agent, step)
-            next_checkpoint += args.checkpoint_every
-        eta = format_time((args.total_steps - step) / sps) if sps > 0 else "?"
-        print(f"step {step:,}/{args.total_steps:,} | SPS {sps:,.0f} | ETA {eta} | "
-              f"last eval: pi {returns['pi']:.1f}, mppi {returns['mppi']:.1f}", flush=True)
-    if args.save_model:
-        save_checkpoint(run_dir, carry.agent, step)
-    writer.close()
-    final = ", ".join(f"{mode} {value:.1f}" for mode, value in returns.items())
-    print(f"done: {step:,} env steps in {format_time(time.time() - start_time)}; final eval: {final}; "
-          f"results in {run_dir}", flush=True)
-    return run_dir
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -29,16 +30,18 @@ import tdmpc2_jax as T  # noqa: E402
 import tdmpc_glass_jax as G  # noqa: E402
 
 OBS_DIM, ACTION_DIM = 15, 4  # HopperHop
+# What resolve_args reads from the env (no env is loaded): HopperHop with action repeat 2.
+HOPPER_HOP = SimpleNamespace(impl="jax", episode_length=1000, action_dim=ACTION_DIM, max_agent_steps=500)
 GLASS_ON_STEP = 200_000  # past the default 100k warm-up
 
 
 def make_updates(module, num_updates: int, **overrides):
     """(jitted `num_updates` updates on one batch, initial agent, batch) for model size 5 with `overrides`."""
-    args = module.resolve_args(module.Args(model_size=5, **overrides))
-    nets = module.Networks(args, OBS_DIM, ACTION_DIM)
-    wm_tx, pi_tx = module.make_optimizers(args, jax.eval_shape(nets.init, jax.random.key(0))[0])
-    agent = jax.jit(lambda key: module.init_agent(nets, wm_tx, pi_tx, key))(jax.random.key(0))
-    update = partial(module.update, nets, wm_tx, pi_tx, 0.99)
+    args = module.resolve_args(module.Args(model_size=5, **overrides), HOPPER_HOP)
+    model = module.WorldModel(args, OBS_DIM, ACTION_DIM)
+    wm_tx, pi_tx = module.make_optimizers(args, jax.eval_shape(model.init, jax.random.key(0))[0])
+    agent = jax.jit(lambda key: module.init_agent(model, wm_tx, pi_tx, key))(jax.random.key(0))
+    update = partial(module.update, model, wm_tx, pi_tx)
     k_obs, k_act, k_rew = jax.random.split(jax.random.key(1), 3)
     h, b = args.horizon, args.batch_size
     batch = (jax.random.normal(k_obs, (h + 1, b, OBS_DIM)),

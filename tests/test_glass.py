@@ -3,8 +3,10 @@ the same run; Glass on with stopgrad: the same agent), the extras, a short run's
 CartpoleBalance. The worked values are those of docs/glass.md.
 """
 
+import json
 import math
 from functools import partial
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,10 @@ TRIANGLES = [(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (4, 5), (2, 3)]
 
 
 se2d = jax.jit(G.structural_entropy_2d)  # one compile per shape instead of op-by-op dispatch
+
+# What resolve_args reads from the env: DM Control with action repeat 2 (1000 env steps = 500 agent steps, so the
+# resolved discount is 0.99).
+DMC_ENV = SimpleNamespace(impl="jax", episode_length=1000, action_dim=4, max_agent_steps=500)
 
 
 def graph(edges, n):
@@ -179,7 +185,7 @@ def test_super_cluster_terms_have_their_own_weights():
 def test_stopgrad_graph_blocks_the_latent_gradient():
     z_src = jax.random.normal(jax.random.key(3), (24, 16))
     z_next = jax.random.normal(jax.random.key(4), (24, 16))
-    params = G.Networks(G.resolve_args(G.Args(latent_dim=16)), 3, 1).glass_init(jax.random.key(5))
+    params = G.WorldModel(G.resolve_args(G.Args(latent_dim=16), DMC_ENV), 3, 1).glass_init(jax.random.key(5))
     def grads(stop):  # d loss / d z_src, d loss / d z_next
         args = G.Args(glass_stopgrad_graph=stop)
         loss = lambda a, b: G.glass_loss(G.glass_graph(params, a, b, args), args)[0]
@@ -231,11 +237,11 @@ def batches(n):
 
 def make_update(module, **overrides):
     """(jitted update, initial agent) of `module` with the small model; same init key for every module."""
-    args = module.resolve_args(module.Args(**SMALL, **overrides))
-    nets = module.Networks(args, OBS_DIM, ACTION_DIM)
-    wm_tx, pi_tx = module.make_optimizers(args, jax.eval_shape(nets.init, jax.random.key(0))[0])
-    agent = jax.jit(lambda key: module.init_agent(nets, wm_tx, pi_tx, key))(jax.random.key(7))
-    return jax.jit(partial(module.update, nets, wm_tx, pi_tx, 0.99)), agent
+    args = module.resolve_args(module.Args(**SMALL, **overrides), DMC_ENV)
+    model = module.WorldModel(args, OBS_DIM, ACTION_DIM)
+    wm_tx, pi_tx = module.make_optimizers(args, jax.eval_shape(model.init, jax.random.key(0))[0])
+    agent = jax.jit(lambda key: module.init_agent(model, wm_tx, pi_tx, key))(jax.random.key(7))
+    return jax.jit(partial(module.update, model, wm_tx, pi_tx)), agent
 
 
 def run(update, agent, n, *env_step):
@@ -315,11 +321,11 @@ def test_schedule_zero_before_warmup_and_after_off_step_without_recompiling(glas
 def test_latent_smoothing_runs_over_the_rollout_latents_before_the_last():
     """The smoothing term compares the policy's mean actions at z_0..z_H-1 only: a change of z_H leaves it at 0 when
     z_0..z_H-1 are equal, a change of z_1 does not; before its start step it adds nothing to the policy loss."""
-    args = G.resolve_args(G.Args(**SMALL, latent_smooth_coef=1.0, latent_smooth_start_step=100))
-    nets = G.Networks(args, OBS_DIM, ACTION_DIM)
-    wm_params, pi_params = nets.init(jax.random.key(0))
+    args = G.resolve_args(G.Args(**SMALL, latent_smooth_coef=1.0, latent_smooth_start_step=100), DMC_ENV)
+    model = G.WorldModel(args, OBS_DIM, ACTION_DIM)
+    wm_params, pi_params = model.init(jax.random.key(0))
     z = jax.random.normal(jax.random.key(1), (5, args.latent_dim))  # H + 1 = 4 rollout latents, batch 2
-    loss = jax.jit(lambda zs, env_step: G.policy_loss(nets, pi_params, wm_params, zs, jnp.ones(()),
+    loss = jax.jit(lambda zs, env_step: G.policy_loss(model, pi_params, wm_params, zs, jnp.ones(()),
                                                       jax.random.key(2), env_step)[1][1])
     smooth = lambda *latents: float(loss(jnp.stack([jnp.stack([x, x]) for x in latents]), 100)["pi_smooth_loss"])
     assert smooth(z[0], z[0], z[0], z[3]) == 0.0
@@ -353,11 +359,20 @@ def test_every_args_field_is_used():
 )
 def test_resolve_args_refuses_impossible_glass_settings(overrides, message):
     with pytest.raises(G.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        G.resolve_args(G.Args(**overrides))
+        G.resolve_args(G.Args(**overrides), DMC_ENV)
 
 
 def test_off_step_zero_is_allowed_with_a_warmup():
-    assert G.resolve_args(G.Args(glass_off_step=0)).glass_off_step == 0
+    assert G.resolve_args(G.Args(glass_off_step=0), DMC_ENV).glass_off_step == 0
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
+    proc = run_script("tdmpc_glass_jax.py", "--env-id", "CartpoleBalance", "--dry-run", "--glass-off-step", "1000000",
+                      "--run-dir", str(tmp_path / "x"))
+    config = json.loads(proc.stdout)
+    assert config["seed_steps"] == 5120 and config["discount"] == 0.99 and config["glass_off_step"] == 1_000_000
+    assert (config["glass_num_prototypes"], config["glass_lambda_super_se"]) == (16, 0.0)
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_bad_glass_input_one_line_error():
