@@ -15,7 +15,7 @@ For each model size the script
 3. runs one update on the same batch (batch 256, horizon 3) and compares every loss, the gradient norm, the Q running
    scale, the clipped gradients, every parameter and target parameter after the step;
 4. runs MPPI for one latent twice (first step with exploration noise; then a warm-started eval step) and compares the
-   action and the returned mean;
+   action and the returned mean (from the perturbed start only: at the official init all 512 values tie);
 5. repeats 2-4 from a "perturbed" start: zero-initialised output layers, LayerNorm affine parameters and biases
    randomised, target Qs apart from the online Qs, running scale 2.5. At the official init every reward and Q is
    exactly 0, which would leave the head choice, the TD target's Q term, the running scale and MPPI untested.
@@ -335,9 +335,9 @@ class Result:
 # Tolerances (docs/fidelity.md justifies each). Forward values, losses and gradients: max |ours - official| as a
 # fraction of the official tensor's largest magnitude.
 TOL_FORWARD = 2e-5  # one forward pass: float32 rounding (~6e-8 per op) grows to ~1e-6 through a few 512-wide layers
-TOL_LOSS = 2e-5  # losses, the gradient norm and the running scale: batch means of forward values
-TOL_PI_LOSS = 1e-4  # the policy loss reads the just-updated Q heads, whose first Adam step amplifies rounding (below)
-TOL_GRAD = 1e-4  # backward passes add a second chain of rounded sums
+TOL_LOSS = 2e-5  # losses and the running scale: batch means of forward values
+TOL_PI_LOSS = 2e-4  # the policy loss reads the just-updated Q heads, whose first Adam step amplifies rounding (below)
+TOL_GRAD = 1e-4  # gradients and their norm: backward passes add a second chain of rounded sums
 TOL_PLAN = 1e-4  # MPPI action and mean: score-weighted means of the same elites
 # Parameter steps. Adam's first step of an element is -lr * g / (|g| + eps); a gradient error d moves it by up to
 # lr * eps * d / (|g| + eps)^2, which is large where |g| is near eps. Element-wise allowance: that with
@@ -526,8 +526,9 @@ def check_update(check, run, state, scale, agent):
     batch = (jnp.asarray(obs), jnp.asarray(action), jnp.asarray(reward), jnp.zeros(reward.shape))
     with run.draws.ours():
         new, info = jax.device_get(run.update(agent, batch, jax.random.key(0)))
-    for name in ["consistency_loss", "reward_loss", "value_loss", "total_loss", "grad_norm"]:
+    for name in ["consistency_loss", "reward_loss", "value_loss", "total_loss"]:
         check.close(f"update: {name}", info[name], info_off[name], TOL_LOSS)
+    check.close("gradient norm (world model, before clipping)", info["grad_norm"], info_off["grad_norm"], TOL_GRAD)
     check.close("update: pi_loss", info["pi_loss"], info_off["pi_loss"], TOL_PI_LOSS)
     check.close("update: Q running scale", new.scale, off.scale._value.numpy()[0], TOL_LOSS)
 
@@ -539,8 +540,8 @@ def check_update(check, run, state, scale, agent):
     grads = jax.tree.map(lambda m: m / (1 - 0.9), grads)
     parts = ["encoder", "dynamics", "reward", "qs"]
     for part in parts:
-        check.close(f"clipped gradient: {part}", grads["wm"][part], grads_off["wm"][part], TOL_GRAD)
-    check.close("clipped gradient: policy", grads["pi"], grads_off["pi"], TOL_GRAD)
+        check.close(f"gradient (clipped): {part}", grads["wm"][part], grads_off["wm"][part], TOL_GRAD)
+    check.close("gradient (clipped): policy", grads["pi"], grads_off["pi"], TOL_GRAD)
 
     before, after = our_trees(off.model, state), our_trees(off.model, off.model.state_dict())
     groups = dict(zip(parts, off.optim.param_groups, strict=False))  # encoder, dynamics, reward, Qs (task embedding)
@@ -641,17 +642,20 @@ def release_behaviours(official, size: int, draw_seed: int) -> None:
 
 def summary(results: list[Result]) -> str:
     """Largest differences per kind of comparison and model size (over both starts), as a Markdown table."""
-    kinds = [("forward outputs", "output:", "rel", TOL_FORWARD), ("losses, grad norm, running scale", "update:", "rel",
-              f"{TOL_LOSS:.0e} ({TOL_PI_LOSS:.0e} pi_loss)"), ("clipped gradients", "clipped", "rel", TOL_GRAD),
-             ("parameter steps: max abs diff / lr", "parameter step", "rel", "per element, below"),
-             ("parameter steps: worst element / its allowance", "parameter step", "allowance_used", 1),
-             ("parameter steps: normwise", "parameter step", "normwise", TOL_STEP_NORM),
-             ("MPPI action and mean", "plan", "rel", TOL_PLAN)]
+    starts = lambda *prefixes: lambda name: name.startswith(prefixes) and name != "update: pi_loss"
+    kinds = [("forward outputs", starts("output:"), "rel", TOL_FORWARD),
+             ("losses and running scale", starts("update:"), "rel", TOL_LOSS),
+             ("policy loss", lambda name: name == "update: pi_loss", "rel", TOL_PI_LOSS),
+             ("gradients (clipped) and the gradient norm", starts("gradient"), "rel", TOL_GRAD),
+             ("parameter steps: max abs diff / lr", starts("parameter step"), "rel", "per element, below"),
+             ("parameter steps: worst element / its allowance", starts("parameter step"), "allowance_used", 1),
+             ("parameter steps: normwise", starts("parameter step"), "normwise", TOL_STEP_NORM),
+             ("MPPI action and mean", starts("plan"), "rel", TOL_PLAN)]
     sizes = sorted({r.size for r in results})
     lines = ["| comparison (max over both starts) | " + " | ".join(f"size {s}" for s in sizes) + " | tolerance |",
              "|---|" + "---|" * len(sizes) + "---|"]
-    for label, prefix, field, tol in kinds:
-        rows = [r for r in results if r.name.startswith(prefix)]
+    for label, selects, field, tol in kinds:
+        rows = [r for r in results if selects(r.name)]
         if not rows:
             continue
         cells = []
@@ -664,14 +668,6 @@ def summary(results: list[Result]) -> str:
         tol = f"{tol:.0e}" if isinstance(tol, float) else str(tol)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {tol} |")
     return "\n".join(lines)
-
-
-def run(official_src: Path, sizes, draw_seed: int = 0, **kwargs) -> list[Result]:
-    official = load_official(official_src)
-    check = Checker()
-    for size in sizes:
-        check_size(check, official, size, draw_seed, **kwargs)
-    return check.results
 
 
 def main(argv=None) -> int:
