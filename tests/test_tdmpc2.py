@@ -298,6 +298,7 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
 def test_speed_and_eta_count_only_timed_chunks():
     assert T.speed_and_eta(0, 0.0, 1000) == "SPS - | ETA -"
     assert T.speed_and_eta(2000, 4.0, 3600 * 500) == "SPS 500 | ETA 1:00:00"
+    assert T.speed_and_eta(2000, 4.0, -1120) == "SPS 500 | ETA 0:00:00"  # the last chunk ran past --total-steps
 
 
 def test_cli_help_lists_flags():
