@@ -1330,7 +1330,7 @@ def speed_and_eta(timed_steps: int, timed_seconds: float, steps_left: int) -> st
     if not timed_seconds:
         return "SPS - | ETA -"
     sps = timed_steps / timed_seconds
-    return f"SPS {sps:,.0f} | ETA {format_time(steps_left / sps)}"
+    return f"SPS {sps:,.0f} | ETA {format_time(max(steps_left, 0) / sps)}"  # the last chunk may overshoot the total
 
 
 def format_time(seconds: float) -> str:
