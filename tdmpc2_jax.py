@@ -75,7 +75,7 @@ class Args:
     log_freq: int = 10_000
     """env steps between progress lines and TensorBoard points (one jitted chunk of vector steps)"""
     collect_policy: Literal["mppi", "pi"] = "mppi"
-    """how training data is collected: MPPI (official) or a policy sample plus Gaussian noise (seed code)"""
+    """how training data is collected: MPPI (official) or a policy sample plus Gaussian noise (helios-rl)"""
     collect_noise: float = 0.3
     """std of the Gaussian noise added to policy samples with --collect-policy pi"""
     buffer_size: int = 1_000_000
