@@ -10,12 +10,17 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+# What the TD-MPC scripts' resolve_args reads from the env: DM Control with action repeat 2 (1000 env steps = 500 agent
+# steps, so the resolved discount is 0.99).
+DMC_ENV = SimpleNamespace(impl="jax", episode_length=1000, action_dim=4, max_agent_steps=500)
 
 # Tiny TD-MPC2 settings: a few seconds of training on CartpoleBalance on a CPU.
 TINY_TDMPC2 = [

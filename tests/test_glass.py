@@ -6,13 +6,13 @@ CartpoleBalance. The worked values are those of docs/glass.md.
 import json
 import math
 from functools import partial
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
+    DMC_ENV,
     TINY_TDMPC2,
     learning_run,
     read_eval,
@@ -29,10 +29,6 @@ TRIANGLES = [(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (4, 5), (2, 3)]
 
 
 se2d = jax.jit(G.structural_entropy_2d)  # one compile per shape instead of op-by-op dispatch
-
-# What resolve_args reads from the env: DM Control with action repeat 2 (1000 env steps = 500 agent steps, so the
-# resolved discount is 0.99).
-DMC_ENV = SimpleNamespace(impl="jax", episode_length=1000, action_dim=4, max_agent_steps=500)
 
 
 def graph(edges, n):

@@ -4,13 +4,13 @@ loss, the CLI, bit-for-bit parity with tdmpc2_jax.py when the regularisers are o
 import dataclasses
 import json
 import math
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
+    DMC_ENV,
     TINY_TDMPC2,
     learning_run,
     read_eval,
@@ -26,8 +26,6 @@ import tdmpc2_jax as T
 # have volume 1 (total 2) and cut 1 - 2 * .37 = .26: L = -2 * (.26 / 2) * ln(1 / 2) = .26 ln 2.
 WORKED_SOURCE = [[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]]
 WORKED_TARGET = [[0.8, 0.2], [0.9, 0.1], [0.1, 0.9], [0.2, 0.8]]
-# What resolve_args reads from the env: DM Control with action repeat 2 (1000 env steps = 500 agent steps).
-DMC_ENV = SimpleNamespace(impl="jax", episode_length=1000, action_dim=4, max_agent_steps=500)
 
 
 def cycle(next_module, rounds: int = 3):

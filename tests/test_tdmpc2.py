@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import TINY_TDMPC2, learning_run, read_eval, run_script, unused_args_fields
+from conftest import DMC_ENV, TINY_TDMPC2, learning_run, read_eval, run_script, unused_args_fields
 from flax import serialization
 from scipy import stats
 
@@ -204,9 +204,6 @@ def test_every_args_field_is_used():
 
 
 # --- the resolved config and the official protocol ---
-# What resolve_args reads from the env: DM Control with action repeat 2 (1000 env steps = 500 agent steps).
-DMC_ENV = SimpleNamespace(impl="jax", episode_length=1000, action_dim=4, max_agent_steps=500)
-
 
 @pytest.mark.parametrize(
     "overrides, message",
