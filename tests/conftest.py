@@ -5,6 +5,7 @@ import ast
 import csv
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -43,15 +44,19 @@ LEARN_TDMPC2 = [
 ]
 
 
+def script_env() -> dict:
+    """The environment the scripts run in: CPU, unbuffered, and a compilation cache shared by the test runs
+    (repeated runs of one config, as in the determinism and resume tests, compile once)."""
+    cache = Path(tempfile.gettempdir()) / f"tdmpc2_mjx_test_cache_{os.getuid()}"
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+
+
 def run_script(script: str, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python script args...` from the repo root; on failure show its output."""
-    # A compilation cache shared by the test runs: repeated runs of one config (determinism) compile once.
-    cache = Path(tempfile.gettempdir()) / f"tdmpc2_mjx_test_cache_{os.getuid()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
     proc = subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout,
     )
     if check and proc.returncode != 0:
         output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -68,17 +73,67 @@ def read_tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Scalars of a TensorBoard events file, read straight from its TFRecord framing."""
     from tensorboardX.proto import event_pb2
 
-    (path,) = run_dir.glob("events.out.tfevents.*")
-    data, i, out = path.read_bytes(), 0, {}
-    while i < len(data):
-        (n,) = struct.unpack("<Q", data[i:i + 8])
-        event = event_pb2.Event()
-        event.ParseFromString(data[i + 12:i + 12 + n])
-        i += 12 + n + 4
-        for value in event.summary.value:
-            if value.HasField("simple_value"):
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    out = {}
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):  # a resumed run adds a file; names start with the time
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
+
+
+# --- resume: the same three checks for every training script ---
+def assert_resume_is_exact(script: str, flags: list[str], tmp_path: Path, half: int, full: int):
+    """A run to `full` env steps and a run to `half` continued with `--resume --total-steps full` write the same
+    eval.csv (wall time aside) and the same TensorBoard scalars (speed aside), each step once."""
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    run_script(script, *flags, "--total-steps", str(full), "--run-dir", str(whole))
+    run_script(script, *flags, "--total-steps", str(half), "--run-dir", str(halves))
+    out = run_script(script, "--resume", str(halves), "--total-steps", str(full)).stdout
+    assert f"resumed from step {half}\n" in out
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
+    assert strip(read_eval(halves)) == strip(read_eval(whole))
+    scalars = lambda run: {tag: v for tag, v in read_tb_scalars(run).items() if tag != "charts/SPS"}
+    assert scalars(halves) == scalars(whole)
+
+
+def sigterm_then_resume(script: str, flags: list[str], run_dir: Path, total: int) -> str:
+    """Start a run, SIGTERM it once it has printed a progress line, check that it checkpoints and exits 0 with the
+    resume command, then resume it to `total`. Returns the stopped run's output."""
+    proc = subprocess.Popen([sys.executable, str(REPO / script), *flags, "--total-steps", str(total), "--run-dir",
+                             str(run_dir)], cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    stopped = re.search(rf"stopped at step (\d+); resume with: python {script} --resume {run_dir}\n", out)
+    assert stopped and 0 < int(stopped[1]) < total, out[-3000:]
+    assert (run_dir / "checkpoints" / stopped[1]).is_dir()
+    run_script(script, "--resume", str(run_dir))
+    steps = [int(row["step"]) for row in read_eval(run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] >= total
+    return out
+
+
+def damage_newest_checkpoint(run_dir: Path) -> int:
+    """Cut the newest checkpoint's largest data file short, as a kill during a copy or a full disk would; returns
+    that checkpoint's step."""
+    step = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    largest = max((p for p in (run_dir / "checkpoints" / str(step)).rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(largest.stat().st_size // 10)
+    return step
 
 
 def random_policy_return(env_id: str, episodes: int = 8) -> float:

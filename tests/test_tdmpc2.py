@@ -4,6 +4,7 @@ and learning on CartpoleBalance."""
 import json
 import math
 import re
+import shutil
 from functools import partial
 from types import SimpleNamespace
 
@@ -12,8 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import DMC_ENV, TINY_TDMPC2, learning_run, read_eval, run_script, unused_args_fields
-from flax import serialization
+from conftest import (
+    DMC_ENV,
+    TINY_TDMPC2,
+    assert_resume_is_exact,
+    damage_newest_checkpoint,
+    learning_run,
+    read_eval,
+    run_script,
+    sigterm_then_resume,
+    unused_args_fields,
+)
 from scipy import stats
 
 import tdmpc2_jax as T
@@ -310,6 +320,7 @@ def test_cli_help_lists_flags():
     [
         (["--env-id", "HopperHopp"], "unknown env id 'HopperHopp'; DM Control ids: AcrobotSwingup"),
         (["--num-elites", "600"], "must not exceed --num-samples"),
+        (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such folder"),
     ],
 )
 def test_cli_bad_input_one_line_error(flags, message):
@@ -329,14 +340,23 @@ def test_tiny_run_writes_run_folder(tdmpc2_tiny_run):
     assert [int(r["step"]) for r in rows] == [0, 400, 800]
     assert all(np.isfinite(float(r[c])) for r in rows for c in ("return_pi", "return_mppi"))
     assert list(tdmpc2_tiny_run.glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tdmpc2_tiny_run / "checkpoints").iterdir()) == ["400", "800"]  # every eval but 0
 
 
 def test_same_seed_same_returns(tdmpc2_tiny_run, tmp_path):
-    run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--seed", "1", "--exp-name", "tiny", "--run-dir", str(tmp_path / "again"),
-               "--save-model")
+    run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--seed", "1", "--exp-name", "tiny", "--run-dir", str(tmp_path / "again"))
     strip = lambda rows: [(r["step"], r["return_pi"], r["return_mppi"]) for r in rows]
     assert strip(read_eval(tmp_path / "again")) == strip(read_eval(tdmpc2_tiny_run))
-    assert (tmp_path / "again" / "checkpoints" / "step_800.msgpack").stat().st_size > 0
+
+
+def restore_checkpoint(run_dir):
+    """(carry, loop state) of the run folder's newest checkpoint, as --resume reads it."""
+    args = T.resume_config(T.Args(resume=str(run_dir)))
+    trainer = T.Trainer(args, T.VectorEnv(T.load_env(args.env_id, args.impl, args.episode_length), args.action_repeat))
+    checkpoints = T.Checkpoints(run_dir, args.keep_checkpoints)
+    carry, loop = checkpoints.restore_newest(jax.eval_shape(trainer.init, jax.random.key(0)))
+    checkpoints.close()
+    return carry, loop
 
 
 def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path):
@@ -344,16 +364,61 @@ def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path):
     burst) is finite and checkpointed; the next chunk must stop the run with one line naming the loss and the step."""
     run_dir = tmp_path / "nan"
     proc = run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--lr", "1e30", "--pretrain-updates", "0", "--eval-freq", "200",
-                      "--checkpoint-every", "200", "--run-dir", str(run_dir), check=False)
+                      "--run-dir", str(run_dir), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     message = proc.stderr.strip()
     assert "Traceback" not in message and len(message.splitlines()) == 1
     match = re.fullmatch(r"error: non-finite losses/(\w+) at env step (\d+); stopping \(.*\)", message)
     assert match and 200 < int(match[2]) <= 400, message
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_200.msgpack"]  # no temp file left
-    state = serialization.msgpack_restore((run_dir / "checkpoints" / "step_200.msgpack").read_bytes())
-    assert state["step"] == 200
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["agent"]) if np.issubdtype(x.dtype, np.floating))
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["200"]  # no temporary folder left
+    carry, loop = restore_checkpoint(run_dir)
+    assert loop["step"] == 200 and int(carry.vector_step) == 25
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(carry.agent) if np.issubdtype(x.dtype, np.floating))
+
+
+# --- resume ---
+def test_resume_is_exact(tmp_path):
+    assert_resume_is_exact("tdmpc2_jax.py", TINY_TDMPC2, tmp_path, half=800, full=1600)
+
+
+def test_sigterm_checkpoints_then_resume_finishes(tmp_path):
+    sigterm_then_resume("tdmpc2_jax.py", [*TINY_TDMPC2, "--log-freq", "200"], tmp_path / "run", total=3200)
+    assert len([p for p in (tmp_path / "run" / "checkpoints").iterdir()]) == 2  # --keep-checkpoints 2
+
+
+def test_resume_skips_a_damaged_checkpoint(tdmpc2_tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tdmpc2_tiny_run, run_dir)
+    assert damage_newest_checkpoint(run_dir) == 800
+    out = run_script("tdmpc2_jax.py", "--resume", str(run_dir), "--total-steps", "1200").stdout
+    assert re.search(r"^warning: checkpoint step 800 is damaged \(.+\); moved to .+, trying the previous one$", out,
+                     re.MULTILINE)
+    assert "resumed from step 400\n" in out and (run_dir / "checkpoints_damaged" / "800").is_dir()
+    # Step 800 reached again from the checkpoint at 400: the same evaluation as the uninterrupted run's.
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
+    assert strip(read_eval(run_dir)) == strip(read_eval(tdmpc2_tiny_run)) + strip(read_eval(run_dir)[3:])
+    assert [row["step"] for row in read_eval(run_dir)] == ["0", "400", "800", "1200"]
+
+
+def test_resume_refuses_bad_folders_and_changed_flags(tdmpc2_tiny_run, tmp_path):
+    resume = lambda folder, **flags: T.resume_config(T.Args(resume=str(folder), **flags))
+    with pytest.raises(T.UserError, match="--lr 0.001 differs from the run's 0.0003; only --total-steps"):
+        resume(tdmpc2_tiny_run, lr=0.001)
+    with pytest.raises(T.UserError, match="no such folder"):
+        resume(tmp_path / "missing")
+    with pytest.raises(T.UserError, match="no args.json there"):
+        resume(tmp_path)
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tdmpc2_tiny_run / "args.json", tmp_path / "copy")
+    with pytest.raises(T.UserError, match="no checkpoint there"):
+        resume(tmp_path / "copy")
+    glass_run = json.loads((tdmpc2_tiny_run / "args.json").read_text())
+    (tmp_path / "copy" / "args.json").write_text(json.dumps({**glass_run, "glass_weight": 1.0}))
+    with pytest.raises(T.UserError, match="a run of another script, not of tdmpc2_jax.py"):
+        resume(tmp_path / "copy")
+    # What may change: the total and the checkpoint flags.
+    args = resume(tdmpc2_tiny_run, total_steps=1600, keep_checkpoints=3, seed=1)
+    assert (args.total_steps, args.keep_checkpoints, args.run_dir) == (1600, 3, str(tdmpc2_tiny_run))
 
 
 @pytest.mark.slow
