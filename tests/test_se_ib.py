@@ -1,5 +1,6 @@
 """se_ib_tdmpc2.py: the SE / IB losses against hand-computed values, finite gradients, wiring into the world-model
-loss, the CLI, bit-for-bit parity with tdmpc2_jax.py when the regularisers are off, and learning on CartpoleBalance."""
+loss, the CLI, bit-for-bit parity with tdmpc2_jax.py when the regularisers are off, exact resume with them on, and
+learning on CartpoleBalance."""
 
 import dataclasses
 import json
@@ -12,6 +13,7 @@ import pytest
 from conftest import (
     DMC_ENV,
     TINY_TDMPC2,
+    assert_resume_is_exact,
     learning_run,
     read_eval,
     read_tb_scalars,
@@ -285,6 +287,27 @@ def test_off_is_tdmpc2_bit_for_bit(tdmpc2_tiny_run, tmp_path):
     entropy = ours["se/module_entropy"]
     assert [step for step, _ in entropy] == [400, 800]
     assert all(0 <= value <= math.log(8) + 1e-6 for _, value in entropy)
+
+
+# --- resume ---
+def test_resume_is_exact(tmp_path):
+    # Regularisers on: their losses and se/module_entropy (its key folded off the step's eval key) must continue too.
+    flags = [*TINY_TDMPC2, "--se-coef", "0.01", "--ib-coef", "0.01"]
+    assert_resume_is_exact("se_ib_tdmpc2.py", flags, tmp_path, half=800, full=1600)
+
+
+def test_resume_refuses_other_scripts_runs_and_changed_regularisers(tmp_path):
+    resume = lambda folder, **flags: S.resume_config(S.Args(resume=str(folder), **flags))
+    (tmp_path / "checkpoints" / "800").mkdir(parents=True)
+    tdmpc2_run = {**dataclasses.asdict(T.Args()), "metadata": {"script": "tdmpc2_jax.py"}}
+    (tmp_path / "args.json").write_text(json.dumps(tdmpc2_run))
+    with pytest.raises(S.UserError, match="a run of another script, not of se_ib_tdmpc2.py"):
+        resume(tmp_path)
+    se_run = {**dataclasses.asdict(S.Args(se_coef=0.01)), "metadata": {"script": "se_ib_tdmpc2.py"}}
+    (tmp_path / "args.json").write_text(json.dumps(se_run))
+    with pytest.raises(S.UserError, match="--se-coef 0.1 differs from the run's 0.01; only --total-steps"):
+        resume(tmp_path, se_coef=0.1)
+    assert resume(tmp_path, total_steps=1600).se_coef == 0.01
 
 
 @pytest.mark.slow
