@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, struct
+from flax import struct
 
 
 @dataclass
@@ -47,10 +48,15 @@ class Args:
     """MuJoCo Playground environment id (DM Control suite names such as HopperHop, CartpoleBalance)"""
     run_dir: Optional[str] = None
     """run folder (unset = runs/{env_id}__{exp_name}__{seed}__{unix_time})"""
-    save_model: bool = False
-    """write a checkpoint at the end of training"""
     checkpoint_every: Optional[int] = None
-    """also write a checkpoint every this many env steps (unset = never)"""
+    """env steps between full-state checkpoints (unset = --eval-freq; 0 = none); one is also written at the end"""
+    keep_checkpoints: int = 2
+    """newest checkpoints kept in {run_dir}/checkpoints (older ones are deleted)"""
+    save_model: bool = False
+    """write the final checkpoint even with --checkpoint-every 0"""
+    resume: Optional[str] = None
+    """run folder to continue from its newest complete checkpoint (only --total-steps and the checkpoint flags may
+    change)"""
     dry_run: bool = False
     """print the resolved config as one JSON object and exit, writing nothing"""
 
@@ -322,21 +328,23 @@ def resolve_args(args: Args, venv) -> Args:
         iterations=fill(args.iterations, 6 + 2 * (venv.action_dim >= 20)),
         seed_steps=seed_vector_steps * env_steps_per_vector_step,
         pretrain_updates=fill(args.pretrain_updates, seed_vector_steps * args.k_update),
+        checkpoint_every=fill(args.checkpoint_every, args.eval_freq),
     )
     positive = ["total_steps", "num_envs", "k_update", "action_repeat", "eval_freq", "eval_episodes", "log_freq",
                 "buffer_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "simnorm_dim", "batch_size",
                 "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std", "min_std",
-                "episode_length", "seed_steps", "iterations", "discount"]
+                "episode_length", "seed_steps", "iterations", "discount", "keep_checkpoints"]
     positive += ["glass_proto_temperature", "glass_assign_temperature", "glass_num_prototypes", "glass_num_clusters",
                  "glass_every_k_updates"]
-    for name in positive + (["checkpoint_every"] if args.checkpoint_every is not None else []):
+    for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     glass_nonnegative = ["glass_lambda_se", "glass_lambda_balance", "glass_lambda_temporal",
                          "glass_lambda_temp_stability", "glass_lambda_super_se", "glass_lambda_super_balance",
                          "glass_assign_init_scale", "glass_warmup_steps", "glass_off_step", "latent_smooth_coef",
                          "latent_smooth_start_step", "arbitration_margin"]
-    for name in ["pretrain_updates", "num_pi_trajs", "collect_noise", "entropy_coef", "dropout"] + glass_nonnegative:
+    nonnegative = ["pretrain_updates", "num_pi_trajs", "collect_noise", "entropy_coef", "dropout", "checkpoint_every"]
+    for name in nonnegative + glass_nonnegative:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     checks = [
@@ -1154,26 +1162,46 @@ class Trainer:
 def train(args: Args) -> Optional[Path]:
     from tensorboardX import SummaryWriter
 
+    if args.resume is not None:
+        args = resume_config(args)
     venv = VectorEnv(load_env(args.env_id, args.impl, args.episode_length), args.action_repeat)
     args = resolve_args(args, venv)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(args), indent=2))
         return None
-    run_dir = prepare_run_dir(args)
+    trainer = Trainer(args, venv)
+    k_eval, k_init = jax.random.split(jax.random.key(args.seed))
+    if args.resume is None:
+        run_dir = prepare_run_dir(args)
+        checkpoints = Checkpoints(run_dir, args.keep_checkpoints)
+        carry = jax.jit(trainer.init)(k_init)  # jitted: its outputs match the chunk's, so nothing compiles twice
+        loop = {"step": 0, "next_eval": 0, "next_checkpoint": args.checkpoint_every, "wall_time": 0.0,
+                "returns": {}}
+    else:
+        run_dir = Path(args.resume)
+        checkpoints = Checkpoints(run_dir, args.keep_checkpoints)
+        carry, loop = checkpoints.restore_newest(jax.eval_shape(trainer.init, k_init))
+        if loop["step"] >= args.total_steps:
+            raise UserError(f"--resume: the run already reached step {loop['step']:,}; pass a larger --total-steps "
+                            "to extend it")
+        print(f"resumed from step {loop['step']}", flush=True)
     atomic_write(run_dir / "args.json", json.dumps({**dataclasses.asdict(args), "metadata": run_metadata()},
                                                     indent=2).encode())
-    writer = SummaryWriter(str(run_dir))
-    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    # Events past the checkpoint (written before an interruption) are hidden, so the curves continue without repeats.
+    writer = SummaryWriter(str(run_dir), purge_step=loop["step"] + 1 if args.resume else None)
+    if args.resume is None:
+        table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     arbitrate = args.arbitration_margin is not None
     columns = ["step", "wall_time", "return_pi", "return_mppi"] + ["return_arb"] * arbitrate
-    eval_log = EvalLog(run_dir / "eval.csv", columns)
+    eval_log = EvalLog(run_dir / "eval.csv", columns, resume_step=loop["step"] if args.resume else None)
     (run_dir / "glass").mkdir(exist_ok=True)
+    if args.resume:  # like eval.csv's rows: the graphs of evaluations past the checkpoint are written again
+        for path in (run_dir / "glass").glob("P_S_step*.npz"):
+            if int(path.stem.removeprefix("P_S_step")) > loop["step"]:
+                path.unlink()
 
-    trainer = Trainer(args, venv)
     env_steps_per_vector_step = args.num_envs * args.action_repeat
-    key, k_init = jax.random.split(jax.random.key(args.seed))
-    carry = jax.jit(trainer.init)(k_init)  # jitted: its outputs match the chunk's, so nothing compiles twice
     chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
     train_chunk = jax.jit(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), donate_argnums=0)
     evaluate = jax.jit(trainer.evaluate)
@@ -1185,55 +1213,69 @@ def train(args: Args) -> Optional[Path]:
         flush=True,
     )
 
-    start_time = time.time()
-    step, next_eval, next_checkpoint = 0, 0, args.checkpoint_every
+    start_time = time.time() - loop["wall_time"]
+    start_step = step = loop["step"]
+    returns = loop["returns"]
     timed_steps, timed_seconds = 0, 0.0  # SPS and ETA count training chunks only (not seeding, not the compile)
-    while True:
-        if step >= next_eval or step >= args.total_steps:
-            key, k_eval = jax.random.split(key)
-            return_pi, return_mppi = map(float, evaluate(carry.agent, k_eval))
-            returns = {"pi": return_pi, "mppi": return_mppi}
-            if arbitrate:  # chosen on the episodes it reports, so (like best-any) an optimistic number
-                returns["arb"] = return_mppi if return_mppi > return_pi + args.arbitration_margin else return_pi
-            eval_log.write(step, round(time.time() - start_time, 2), *returns.values())
-            for mode, value in returns.items():
-                writer.add_scalar(f"eval/return_{mode}", value, step)
-            k_glass = jax.random.fold_in(k_eval, GLASS_KEY_DATA)
-            report = glass_report(carry.agent, carry.buffer, k_glass, jnp.int32(step))
-            write_glass_report(run_dir, writer, report, step)
-            while next_eval <= step:
-                next_eval += args.eval_freq
-        if step >= args.total_steps:
-            break
-        tick = time.time()
-        carry, (stats, info) = train_chunk(carry)
-        stats, info = jax.device_get((stats, info))  # waits for the chunk
-        chunk_start, step = step, step + chunk_vector_steps * env_steps_per_vector_step
-        if (bad := first_nonfinite(info)) is not None:
-            name, index = bad
-            raise UserError(
-                f"non-finite losses/{name} at env step {chunk_start + (index + 1) * env_steps_per_vector_step}; "
-                "stopping (checkpoints written so far are intact)"
-            )
-        if chunk_start >= args.seed_steps:  # the seeding chunks, the burst and the compile come before this
-            timed_steps += step - chunk_start
-            timed_seconds += time.time() - tick
-            writer.add_scalar("charts/SPS", timed_steps / timed_seconds, step)
-        if episodes := int(stats["episodes"].sum()):
-            writer.add_scalar("charts/episodic_return", float(stats["returns_sum"].sum()) / episodes, step)
-        training = np.arange(chunk_start, step, env_steps_per_vector_step) >= args.seed_steps
-        for name, values in info.items():
-            if training.any():
-                writer.add_scalar(f"losses/{name}", float(np.mean(values[training])), step)
-        if next_checkpoint is not None and step >= next_checkpoint:
-            save_checkpoint(run_dir, carry.agent, step)
-            next_checkpoint += args.checkpoint_every
-        speed = speed_and_eta(timed_steps, timed_seconds, args.total_steps - step)
-        print(f"step {step:,}/{args.total_steps:,} | {speed} | last eval: pi {returns['pi']:.1f}, "
-              f"mppi {returns['mppi']:.1f}", flush=True)
-    if args.save_model:
-        save_checkpoint(run_dir, carry.agent, step)
-    writer.close()
+    stop = StopSignal()
+    try:
+        while True:
+            finished = step >= args.total_steps
+            if stop.signum is None and (step >= loop["next_eval"] or finished):
+                # The eval key depends only on the step: evaluations are the same however often the run was resumed.
+                k_step = jax.random.fold_in(k_eval, step)
+                return_pi, return_mppi = map(float, evaluate(carry.agent, k_step))
+                returns = {"pi": return_pi, "mppi": return_mppi}
+                if arbitrate:  # chosen on the episodes it reports, so (like best-any) an optimistic number
+                    returns["arb"] = return_mppi if return_mppi > return_pi + args.arbitration_margin else return_pi
+                eval_log.write(step, round(time.time() - start_time, 2), *returns.values())
+                for mode, value in returns.items():
+                    writer.add_scalar(f"eval/return_{mode}", value, step)
+                k_glass = jax.random.fold_in(k_step, GLASS_KEY_DATA)
+                report = glass_report(carry.agent, carry.buffer, k_glass, jnp.int32(step))
+                write_glass_report(run_dir, writer, report, step)
+                while loop["next_eval"] <= step:
+                    loop["next_eval"] += args.eval_freq
+            checkpoint_due = args.checkpoint_every and (step >= loop["next_checkpoint"] or finished)
+            wanted = checkpoint_due or (finished and args.save_model) or stop.signum is not None
+            if wanted and step != checkpoints.latest_step():
+                while args.checkpoint_every and loop["next_checkpoint"] <= step:
+                    loop["next_checkpoint"] += args.checkpoint_every
+                loop.update(step=step, returns=returns, wall_time=time.time() - start_time)
+                writer.flush()  # every event up to this step is on disk before the checkpoint claims it
+                print(checkpoints.save(step, carry, loop), flush=True)
+            if finished or stop.signum is not None:
+                break
+            tick = time.time()
+            carry, (stats, info) = train_chunk(carry)
+            stats, info = jax.device_get((stats, info))  # waits for the chunk
+            chunk_start, step = step, step + chunk_vector_steps * env_steps_per_vector_step
+            if (bad := first_nonfinite(info)) is not None:
+                name, index = bad
+                raise UserError(
+                    f"non-finite losses/{name} at env step {chunk_start + (index + 1) * env_steps_per_vector_step}; "
+                    "stopping (checkpoints written so far are intact)"
+                )
+            if chunk_start >= args.seed_steps and chunk_start > start_step:  # no seeding, burst or compile
+                timed_steps += step - chunk_start
+                timed_seconds += time.time() - tick
+                writer.add_scalar("charts/SPS", timed_steps / timed_seconds, step)
+            if episodes := int(stats["episodes"].sum()):
+                writer.add_scalar("charts/episodic_return", float(stats["returns_sum"].sum()) / episodes, step)
+            training = np.arange(chunk_start, step, env_steps_per_vector_step) >= args.seed_steps
+            for name, values in info.items():
+                if training.any():
+                    writer.add_scalar(f"losses/{name}", float(np.mean(values[training])), step)
+            speed = speed_and_eta(timed_steps, timed_seconds, args.total_steps - step)
+            last_eval = ", ".join(f"{mode} {value:.1f}" for mode, value in returns.items())
+            print(f"step {step:,}/{args.total_steps:,} | {speed} | last eval: {last_eval}", flush=True)
+    finally:
+        stop.restore()
+        writer.close()
+        checkpoints.close()
+    if stop.signum is not None:
+        print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {run_dir}", flush=True)
+        raise Preempted(stop.signum)
     final = ", ".join(f"{mode} {value:.1f}" for mode, value in returns.items())
     print(f"done: {step:,} env steps in {format_time(time.time() - start_time)}; final eval: {final}; "
           f"results in {run_dir}", flush=True)
@@ -1278,23 +1320,147 @@ def run_metadata() -> dict:
         git_commit = commit.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         git_commit = None
-    return {"versions": versions, "git_commit": git_commit, "command": " ".join(sys.argv)}
+    return {"script": Path(__file__).name, "versions": versions, "git_commit": git_commit,
+            "command": " ".join(sys.argv)}
 
 
-def save_checkpoint(run_dir: Path, agent: AgentState, step: int):
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    state = {"agent": jax.device_get(agent), "step": step}
-    atomic_write(ckpt_dir / f"step_{step}.msgpack", serialization.to_bytes(state))
+class Checkpoints:
+    """Full training state at a step: the whole jitted carry (networks, optimiser states, buffer, env states, MPPI
+    warm starts, RNG key, counters) plus the host loop's counters, in {run_dir}/checkpoints/{step}/ with orbax, which
+    writes to a temporary folder and renames it when complete and keeps the newest `keep`. All of Glass's state is
+    in the carry: its prototypes and assign_logits in the world-model params (and optimiser state), its every-k
+    update counter in the agent; the schedule is a function of the env step."""
+
+    def __init__(self, run_dir: Path, keep: int):
+        import orbax.checkpoint as ocp  # imported here so that importing this file stays cheap
+
+        self.ocp, self.run_dir = ocp, run_dir
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True,
+                                               cleanup_tmp_directories=True)  # what a killed save left behind
+        self.manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, carry, loop: dict) -> str:
+        tick = time.time()
+        state = jax.tree.map(to_storable, carry)
+        args = self.ocp.args
+        self.manager.save(step, args=args.Composite(state=args.StandardSave(state), loop=args.JsonSave(loop)))
+        self.manager.wait_until_finished()
+        size = sum(f.stat().st_size for f in (self.run_dir / "checkpoints" / str(step)).rglob("*") if f.is_file())
+        return f"checkpoint step {step}: {size / 1e6:.1f} MB in {time.time() - tick:.2f} s"
+
+    def restore_newest(self, carry_shapes):
+        """(carry, loop) of the newest checkpoint that reads back whole; a damaged one (a file cut short or
+        corrupted) is moved to checkpoints_damaged/ with a warning and the one before it is tried."""
+        def stored_shape(like):
+            if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
+                return jax.eval_shape(jax.random.key_data, like)
+            return jax.ShapeDtypeStruct((1,), like.dtype) if math.prod(like.shape) == 0 else like
+
+        saved_shapes = jax.tree.map(stored_shape, carry_shapes)
+        args = self.ocp.args
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=args.Composite(
+                    state=args.StandardRestore(saved_shapes), loop=args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 (whatever a damaged file raises, the previous checkpoint is next)
+                damaged = self.run_dir / "checkpoints_damaged"
+                damaged.mkdir(exist_ok=True)
+                os.replace(self.run_dir / "checkpoints" / str(step), damaged / str(step))
+                self.manager.reload()
+                reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+                print(f"warning: checkpoint step {step} is damaged ({reason}); moved to {damaged}, trying the "
+                      "previous one", flush=True)
+                continue
+            carry = jax.tree.map(from_storable, restored.state, carry_shapes)
+            return carry, restored.loop
+        raise UserError(f"--resume: no usable checkpoint in {self.run_dir / 'checkpoints'}")
+
+    def close(self):
+        self.manager.close()
+
+
+def to_storable(x):
+    """A host copy (the carry is donated to the next chunk) of what orbax can store: typed PRNG keys as their raw
+    data, empty arrays (MJX's actuator state of an env without actuator dynamics) as one placeholder zero."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.zeros(1, x.dtype) if x.size == 0 else np.array(x)
+
+
+def from_storable(stored, like):
+    if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(stored)
+    return jnp.zeros(like.shape, like.dtype) if math.prod(like.shape) == 0 else stored
+
+
+def resume_config(cli: Args) -> Args:
+    """The config saved in `cli.resume`'s args.json; of the flags given now, only those that cannot change the
+    algorithm may differ (the total, the checkpoint flags)."""
+    run_dir = Path(cli.resume)
+    script = Path(__file__).name
+    if not (run_dir / "args.json").is_file():
+        what = "no such folder" if not run_dir.is_dir() else "no args.json there"
+        raise UserError(f"--resume {run_dir}: {what} (expected a run folder of {script})")
+    saved = json.loads((run_dir / "args.json").read_text())
+    known = {f.name for f in dataclasses.fields(Args)}
+    if saved.get("metadata", {}).get("script", script) != script or not set(saved) - {"metadata"} <= known:
+        raise UserError(f"--resume {run_dir}: that folder is a run of another script, not of {script}")
+    if not any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")):
+        raise UserError(f"--resume {run_dir}: no checkpoint there (was it run with --checkpoint-every 0?)")
+    config = Args(**{k: v for k, v in saved.items() if k in known})
+    may_change = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "save_model", "dry_run"}
+    default = Args()
+    for name in known - may_change:
+        given, before = getattr(cli, name), getattr(config, name)
+        if given != getattr(default, name) and given != before:
+            raise UserError(f"--resume: --{name.replace('_', '-')} {given} differs from the run's {before}; only "
+                            "--total-steps and the checkpoint flags may change when resuming")
+    changed = {k: getattr(cli, k) for k in may_change if getattr(cli, k) != getattr(default, k)}
+    return dataclasses.replace(config, **changed, run_dir=str(run_dir))
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint a SIGTERM or SIGINT asked for; exit code 0 for SIGTERM, 130 for SIGINT."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 0 if signum == signal.SIGTERM else 130
+
+
+class StopSignal:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) let the current chunk finish and the loop write a checkpoint; a second
+    signal exits at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"{signal.Signals(signum).name} received: finishing the current chunk, then checkpointing "
+              "(send it again to exit at once)", flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class EvalLog:
-    """eval.csv, appended and flushed row by row."""
+    """eval.csv, appended and flushed row by row; a resumed run first drops the rows past its checkpoint."""
 
-    def __init__(self, path: Path, columns: list[str]):
-        self.file = open(path, "w")
-        self.file.write(",".join(columns) + "\n")
-        self.file.flush()
+    def __init__(self, path: Path, columns: list[str], resume_step: Optional[int] = None):
+        if resume_step is None:
+            atomic_write(path, (",".join(columns) + "\n").encode())
+        else:
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines[1:] if line.strip() and int(line.split(",")[0]) <= resume_step]
+            atomic_write(path, "".join(lines[:1] + kept).encode())
+        self.file = open(path, "a")
 
     def write(self, *values):
         self.file.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values) + "\n")
@@ -1346,3 +1512,5 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        sys.exit(e.exit_code)

@@ -3,6 +3,7 @@ the same run; Glass on with stopgrad: the same agent), the extras, a short run's
 CartpoleBalance. The worked values are those of docs/glass.md.
 """
 
+import dataclasses
 import json
 import math
 from functools import partial
@@ -14,6 +15,7 @@ import pytest
 from conftest import (
     DMC_ENV,
     TINY_TDMPC2,
+    assert_resume_is_exact,
     learning_run,
     read_eval,
     read_tb_scalars,
@@ -420,6 +422,36 @@ def test_run_logs_diagnostics_before_during_and_after_glass(tmp_path):
     with np.load(run_dir / "glass" / "P_S_step600.npz") as f:
         assert f["P"].shape == (16, 16) and f["S"].shape == (16, 8) and f["S_super"].shape == (16, 2)
         np.testing.assert_allclose(f["P"].sum(-1), 1.0, rtol=1e-5)
+
+
+# --- resume ---
+def test_resume_is_exact_across_the_glass_schedule(tmp_path):
+    """Glass on from env step 200 to 600 (without the stop-gradient, so it shapes the agent and the returns), resumed
+    at 400, in the middle of it: the every-k counter, the prototypes and the partition continue as if never stopped,
+    and so do the eval returns, the glass/ diagnostics and the graphs written at the evaluation after the resume."""
+    flags = [*TINY_TDMPC2, "--glass-warmup-steps", "200", "--glass-off-step", "600", "--glass-every-k-updates", "3",
+             "--no-glass-stopgrad-graph"]
+    assert_resume_is_exact("tdmpc_glass_jax.py", flags, tmp_path, half=400, full=800)
+    scalars = read_tb_scalars(tmp_path / "halves")
+    assert scalars["glass/active"] == [(0, 0.0), (400, 1.0), (800, 0.0)]
+    assert dict(scalars["losses/glass_loss"])[800] > 0  # the chunk after the resume starts with Glass on
+    for name in ["P", "S"]:
+        with np.load(tmp_path / "halves" / "glass" / "P_S_step800.npz") as halves, \
+                np.load(tmp_path / "whole" / "glass" / "P_S_step800.npz") as whole:
+            np.testing.assert_array_equal(halves[name], whole[name])
+    with pytest.raises(G.UserError, match="--glass-lambda-se 0.01 differs from the run's 0.005; only --total-steps"):
+        G.resume_config(G.Args(resume=str(tmp_path / "halves"), glass_lambda_se=0.01))
+
+
+def test_resume_refuses_a_tdmpc2_run(tdmpc2_tiny_run, tmp_path):
+    with pytest.raises(G.UserError, match="a run of another script, not of tdmpc_glass_jax.py"):
+        G.resume_config(G.Args(resume=str(tdmpc2_tiny_run)))
+    # Refused for its script alone, even with every field a Glass run has.
+    (tmp_path / "checkpoints" / "400").mkdir(parents=True)
+    saved = {**dataclasses.asdict(G.Args()), "metadata": {"script": "tdmpc2_jax.py"}}
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    with pytest.raises(G.UserError, match="a run of another script, not of tdmpc_glass_jax.py"):
+        G.resume_config(G.Args(resume=str(tmp_path)))
 
 
 @pytest.mark.slow
