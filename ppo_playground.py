@@ -13,6 +13,7 @@ Formulas, implementation details with their Brax sources, logged metrics and mea
     python ppo_playground.py --env-id CartpoleBalance
     python ppo_playground.py --env-id PendulumSwingup --num-seeds 4 --impl jax
     python ppo_playground.py --env-id AcrobotSwingup --dry-run     # print the resolved config, run nothing
+    python ppo_playground.py --resume runs/CartpoleBalance__ppo_playground__1__1764590000   # continue a run
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ import functools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
-from flax import serialization, struct
+from flax import struct
 
 
 @dataclasses.dataclass
@@ -53,7 +55,14 @@ class Args:
     run_dir: Optional[str] = None
     """run folder (default: runs/{env_id}__{exp_name}__{seed}__{unix_time}); with several seeds, suffixed __{seed}"""
     save_model: bool = False
-    """save parameters, optimiser state and normaliser to {run_dir}/checkpoints/ at the end"""
+    """write a checkpoint at the end even with --checkpoint-every 0"""
+    checkpoint_every: Optional[int] = None
+    """env steps between full-state checkpoints in {run_dir}/checkpoints/ (default: at every evaluation; 0: off);
+    one is also written at the end"""
+    keep_checkpoints: int = 2
+    """newest checkpoints kept in each run folder"""
+    resume: Optional[str] = None
+    """run folder (any seed's of a batch) to continue from its newest checkpoint; --total-steps may be raised"""
     dry_run: bool = False
     """load the env, print the resolved config (what args.json would hold) as one JSON object, and exit"""
     step_rounding: Literal["brax", "iteration"] = "brax"
@@ -198,6 +207,8 @@ def resolve_args(args: Args) -> Args:
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0 or args.keep_checkpoints < 1:
+        raise UserError("need --checkpoint-every >= 0 and --keep-checkpoints >= 1")
     if args.num_resets_per_eval < 0:
         raise UserError(f"--num-resets-per-eval must be >= 0, got {args.num_resets_per_eval}")
     if args.learning_rate <= 0 or not 0 < args.discounting <= 1 or not 0 <= args.gae_lambda <= 1:
@@ -567,6 +578,14 @@ def reset_training_envs(env, args: Args, key) -> tuple[EnvState, jax.Array]:
     return env_reset(env, k_env, args.num_envs), key
 
 
+def init_carry(env, args: Args, key) -> dict:
+    """One seed's whole training state before iteration 1: its PPOState, the key of the hard resets and the key of
+    the evaluations. What a checkpoint holds, and (through jax.eval_shape) the structure a restore fills in."""
+    k_env, k_eval, k_train = jax.random.split(key, 3)
+    env_state, k_env = reset_training_envs(env, args, k_env)
+    return dict(ts=init_ppo_state(args, k_train, env_state), k_env=k_env, k_eval=k_eval)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------
@@ -610,10 +629,18 @@ LOSS_NAMES = ("total_loss", "policy_loss", "v_loss", "entropy_loss", "entropy", 
 def train(args: Args) -> list[Path]:
     """Train args.num_seeds seeds (vmapped) and write one run folder per seed; returns the folders.
 
-    With --dry-run, print the resolved config of the first run (its args.json without the metadata) as one JSON
-    object and return []."""
+    With --resume, continue the batch of the given run folder from its newest checkpoint, in the same folders. With
+    --dry-run, print the resolved config of the first run (its args.json without the metadata) as one JSON object
+    and return []."""
+    resumed = args.resume is not None
+    if resumed:
+        args, dirs = resume_config(args)
     args, env = setup(args)
-    seeds = [args.seed + i for i in range(args.num_seeds)]
+    if not resumed:
+        dirs = run_dirs(args)
+        if used := [str(d) for d in dirs if (d / "checkpoints").exists()]:
+            raise UserError(f"{used[0]} already holds a run's checkpoints; continue it with --resume, or choose "
+                            "another --run-dir")
     configs = [run_config(args, i) for i in range(args.num_seeds)]
     if args.dry_run:
         print(json.dumps(configs[0], indent=2))
@@ -621,40 +648,56 @@ def train(args: Args) -> list[Path]:
 
     from tensorboardX import SummaryWriter  # imported here: importing this file stays cheap
 
+    start = time.time()
+    if resumed:  # before anything is written: a refused resume leaves the folders as they were
+        resume_step, carry, loop = restore_batch(env, args, dirs)
+        if resume_step > args.total_steps_resolved:
+            raise UserError(f"--resume: the run is at step {resume_step}, past --total-steps {args.total_steps} "
+                            f"({args.total_steps_resolved} with rounding)")
+        print(f"resumed from step {resume_step}", flush=True)
+    else:
+        resume_step, loop = 0, dict(iteration=0, train_time=0.0, wall_time=0.0)
+        keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+        carry = jax.jit(jax.vmap(functools.partial(init_carry, env, args)))(keys)
     print(f"{args.env_id}: {args.num_iterations} iterations x {args.steps_per_iteration:,} env steps = "
           f"{args.total_steps_resolved:,} env steps (requested {args.total_steps:,}; --step-rounding "
           f"{args.step_rounding}); {len(args.eval_steps)} evaluations; hard reset every "
           f"{args.iterations_per_epoch} iteration(s)" + ("" if args.num_resets_per_eval > 0 else " disabled"),
           flush=True)
-    dirs = run_dirs(args)
+
     writers, csv_files, meta = [], [], run_metadata()
     for run_dir, config in zip(dirs, configs, strict=True):
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "args.json", json.dumps({**config, "metadata": meta}, indent=2).encode())
-        writer = SummaryWriter(str(run_dir))
+        record = {**config, "batch_run_dirs": [d.name for d in dirs], "metadata": meta}
+        atomic_write(run_dir / "args.json", json.dumps(record, indent=2).encode())
+        # TensorBoard drops the events after the checkpoint step, which the resumed run writes again.
+        writer = SummaryWriter(str(run_dir), purge_step=resume_step + 1 if resumed else None)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in config.items()))
         writers.append(writer)
-        csv = open(run_dir / "eval.csv", "w")  # kept open for the run, flushed per row
-        csv.write("step,wall_time,return,return_deterministic\n")
-        csv.flush()
+        if resumed:
+            drop_eval_rows_after(run_dir / "eval.csv", resume_step)
+            csv = open(run_dir / "eval.csv", "a")  # kept open for the run, flushed per row
+        else:
+            csv = open(run_dir / "eval.csv", "w")
+            csv.write("step,wall_time,return,return_deterministic\n")
+            csv.flush()
         csv_files.append(csv)
+    managers = checkpoint_managers(args, dirs)
+    stop, old_handlers = stop_on_signals()  # from here on a signal ends the run with a checkpoint
 
-    start = time.time()
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-    k_env, k_eval, k_train = (jnp.stack(k) for k in zip(*[jax.random.split(k, 3) for k in keys], strict=True))
     reset_fn = jax.jit(jax.vmap(functools.partial(reset_training_envs, env, args)))
-    env_state, k_env = reset_fn(k_env)
-    ts = jax.jit(jax.vmap(functools.partial(init_ppo_state, args)))(k_train, env_state)
+    ts = carry.pop("ts")  # carry keeps the two keys
     iteration_fn = jax.jit(jax.vmap(functools.partial(training_iteration, env, args)), donate_argnums=0)
     iteration_fn = iteration_fn.lower(ts).compile()
     eval_fn = jax.jit(jax.vmap(functools.partial(evaluate, env, args)))
     print(f"compiled the training iteration in {time.time() - start:.1f} s", flush=True)
+    wall_start = time.time() - loop["wall_time"]  # eval.csv's wall_time continues across resumes
 
     def run_eval(step: int, iteration: int) -> None:
-        eval_keys = jax.vmap(jax.random.fold_in, (0, None))(k_eval, iteration)
+        eval_keys = jax.vmap(jax.random.fold_in, (0, None))(carry["k_eval"], iteration)
         ret, ret_det = jax.device_get(eval_fn(ts.params, ts.normalizer, eval_keys))
-        wall = time.time() - start
+        wall = time.time() - wall_start
         for i, writer in enumerate(writers):
             csv_files[i].write(f"{step},{wall:.3f},{ret[i]:.6f},{ret_det[i]:.6f}\n")
             csv_files[i].flush()
@@ -663,16 +706,17 @@ def train(args: Args) -> list[Path]:
         print(f"eval step={step:,} return={np.array2string(ret, precision=1)} "
               f"deterministic={np.array2string(ret_det, precision=1)}", flush=True)
 
-    if 0 in args.eval_steps:
+    first = loop["iteration"] + 1
+    if first == 1 and 0 in args.eval_steps:
         run_eval(0, 0)
-    train_time, last_print, loop_start = 0.0, 0.0, time.time()
-    for iteration in range(1, args.num_iterations + 1):
+    train_time, last_print, loop_start, stopped = loop["train_time"], 0.0, time.time(), False
+    for iteration in range(first, args.num_iterations + 1):
         t0 = time.time()
         ts, metrics = iteration_fn(ts)
         metrics = jax.device_get(metrics)
         train_time += time.time() - t0
         if args.num_resets_per_eval > 0 and iteration % args.iterations_per_epoch == 0:
-            env_state, k_env = reset_fn(k_env)
+            env_state, carry["k_env"] = reset_fn(carry["k_env"])
             ts = ts.replace(env_state=env_state)
         step = iteration * args.steps_per_iteration
         sps = step / max(train_time, 1e-9)  # per seed, compile excluded (compiled ahead of time)
@@ -688,22 +732,29 @@ def train(args: Args) -> list[Path]:
         now = time.time() - start
         if evaluated or now - last_print > 5.0:
             last_print = now
-            eta = (time.time() - loop_start) / iteration * (args.num_iterations - iteration)  # evals included
+            eta = (time.time() - loop_start) / (iteration - first + 1) * (args.num_iterations - iteration)
             print(f"step {step:,}/{args.total_steps_resolved:,} | SPS {sps:,.0f} per seed "
                   f"({sps * args.num_seeds:,.0f} total) | v_loss {np.mean(metrics['v_loss']):.3f} | ETA {eta:.0f} s",
                   flush=True)
+        if checkpoint_due(args, step) or stop:
+            for writer in writers:  # every event up to this step is on disk before the checkpoint says it happened
+                writer.flush()
+            loop = dict(iteration=iteration, train_time=train_time, wall_time=time.time() - wall_start)
+            save_checkpoint(managers, step, dict(carry, ts=ts), loop)
+        if stop:
+            print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {dirs[0]}", flush=True)
+            stopped = True
+            break
 
-    if args.save_model:
-        for i, run_dir in enumerate(dirs):
-            state = jax.tree.map(lambda x, i=i: np.asarray(x[i]), (ts.params, ts.opt_state, ts.normalizer))
-            tree = dict(params=state[0], opt_state=state[1], normalizer=state[2], step=args.total_steps_resolved)
-            path = run_dir / "checkpoints" / f"ppo_{args.total_steps_resolved}.msgpack"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, serialization.to_bytes(tree))
+    for sig, handler in old_handlers.items():
+        signal.signal(sig, handler)
     for writer, csv in zip(writers, csv_files, strict=True):
         writer.close()
         csv.close()
-    print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(d) for d in dirs)}")
+    if stopped and stop == [signal.SIGINT]:
+        sys.exit(128 + signal.SIGINT)
+    if not stopped:
+        print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(d) for d in dirs)}")
     return dirs
 
 
@@ -714,7 +765,7 @@ def run_config(args: Args, seed_index: int) -> dict:
     """The resolved config of run `seed_index` (its seed is seed + seed_index): its args.json without the metadata,
     and for run 0 what --dry-run prints."""
     config = dataclasses.asdict(args)
-    del config["dry_run"]  # how the config is shown, not part of it
+    del config["dry_run"], config["resume"]  # how the run is started, not part of its config
     return config | dict(seed=args.seed + seed_index, seed_index=seed_index)
 
 
@@ -732,7 +783,7 @@ def run_metadata() -> dict:
         commit = out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"versions": versions, "git_commit": commit, "command": " ".join(sys.argv)}
+    return {"script": Path(__file__).name, "versions": versions, "git_commit": commit, "command": " ".join(sys.argv)}
 
 
 def run_dirs(args: Args) -> list[Path]:
@@ -743,6 +794,150 @@ def run_dirs(args: Args) -> list[Path]:
         return [Path(f"{args.run_dir}__{s}") for s in seeds]
     stamp = int(time.time())
     return [Path("runs") / f"{args.env_id}__{args.exp_name}__{s}__{stamp}" for s in seeds]
+
+
+# Flags that may differ from the run's args.json when resuming; every other one would change the run.
+RESUME_FLAGS = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "save_model", "dry_run"}
+
+
+def resume_config(cli: Args) -> tuple[Args, list[Path]]:
+    """The config of the run in folder cli.resume, with the flags of RESUME_FLAGS that the command line sets, and
+    the run folders of its batch. Reads only; raises UserError when the folder cannot be resumed with these flags.
+
+    Raising --total-steps extends the run with more evaluation blocks of the same length (num_evals grows), so the
+    hard-reset period and the spacing of evaluations stay those of the run (docs/ppo.md, "Resume and preemption")."""
+    script, run_dir = Path(__file__).name, Path(cli.resume)
+    if not (run_dir / "args.json").is_file():
+        raise UserError(f"--resume: {run_dir} is not a run folder (no args.json)" if run_dir.is_dir()
+                        else f"--resume: no folder {run_dir}")
+    saved = json.loads((run_dir / "args.json").read_text())
+    other = saved.pop("metadata", {}).get("script", script)
+    names, seed_index = saved.pop("batch_run_dirs", None), saved.pop("seed_index", 0)
+    defaults, fields = Args(), {f.name for f in dataclasses.fields(Args)}
+    if other != script or set(saved) - fields:
+        raise UserError(f"--resume: {run_dir} is a run folder of {other if other != script else 'another script'}, "
+                        f"not of {script}")
+    for name in sorted(fields - RESUME_FLAGS):
+        new, old = json.loads(json.dumps(getattr(cli, name))), saved.get(name)  # tuples as lists, as in args.json
+        if new != json.loads(json.dumps(getattr(defaults, name))) and new != old:
+            new, old = (" ".join(map(str, v)) if isinstance(v, list) else v for v in (new, old))  # as typed
+            raise UserError(f"--resume: --{name.replace('_', '-')} {new} differs from the run's {old}; only "
+                            "--total-steps, --checkpoint-every, --keep-checkpoints may change when resuming")
+    args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    args.seed -= seed_index  # the batch's first seed
+    args.save_model |= cli.save_model
+    args.dry_run = cli.dry_run
+    if cli.checkpoint_every is not None:
+        args.checkpoint_every = cli.checkpoint_every
+    if cli.keep_checkpoints != defaults.keep_checkpoints:
+        args.keep_checkpoints = cli.keep_checkpoints
+    if cli.total_steps is not None and cli.total_steps != args.total_steps:
+        args.total_steps = cli.total_steps
+        if args.num_evals > 1:  # whole blocks of the run's length: K and the evaluation spacing stay
+            block = args.total_steps_resolved // (args.num_evals - 1)
+            num_evals = 1 + math.ceil(args.total_steps / block)
+            print(f"--total-steps {args.total_steps:,}: --num-evals {args.num_evals} -> {num_evals} keeps the "
+                  f"{block:,} env steps between evaluations", flush=True)
+            args.num_evals = num_evals
+
+    names = names or [run_dir.name]
+    if run_dir.name not in names:
+        raise UserError(f"--resume: {run_dir}'s args.json names the batch's folders {', '.join(names)}, not it")
+    dirs = [run_dir.parent / name for name in names]
+    for d in dirs:
+        if not any(p.name.isdigit() for p in (d / "checkpoints").glob("*")):
+            raise UserError(f"--resume: {d} has no checkpoints")
+    return args, dirs
+
+
+def checkpoint_due(args: Args, step: int) -> bool:
+    """Whether the iteration that ends at `step` writes a checkpoint: at every evaluation by default, at the first
+    iteration at or past each multiple of --checkpoint-every, and at the end (with 0: only with --save-model)."""
+    every = args.checkpoint_every
+    if step == args.total_steps_resolved:
+        return every != 0 or args.save_model
+    if every is None:
+        return step in args.eval_steps
+    return every > 0 and step // every > (step - args.steps_per_iteration) // every
+
+
+def checkpoint_managers(args: Args, dirs: list[Path]) -> list:
+    """One orbax CheckpointManager per run folder, on {run_dir}/checkpoints/{step}/, keeping the newest
+    --keep-checkpoints. Orbax writes each step to a temporary folder and renames it when complete."""
+    import orbax.checkpoint as ocp  # imported here: importing this file stays cheap
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=args.keep_checkpoints, enable_async_checkpointing=False)
+    return [ocp.CheckpointManager((d / "checkpoints").absolute(), options=options) for d in dirs]
+
+
+def save_checkpoint(managers: list, step: int, carry: dict, loop: dict) -> None:
+    """Seed i's slice of the vmapped carry goes to folder i (each folder is self-contained), with the loop state."""
+    import orbax.checkpoint as ocp
+
+    t0 = time.time()
+    host = jax.tree.map(np.array, carry)  # a copy: the device carry is donated to the next iteration
+    for i, manager in enumerate(managers):
+        state = without_empty_arrays(jax.tree.map(lambda x, i=i: x[i], host))
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)))
+    size = sum(f.stat().st_size for m in managers for f in (Path(m.directory) / str(step)).rglob("*") if f.is_file())
+    print(f"checkpoint step {step}: {size / 1e6:.1f} MB in {time.time() - t0:.2f} s", flush=True)
+
+
+def restore_batch(env, args: Args, dirs: list[Path]) -> tuple[int, dict, dict]:
+    """(step, carry stacked over seeds, loop state) of the newest checkpoint step that every folder of the batch
+    restores. A step that fails in any folder (truncated, corrupt, missing) is moved to checkpoints_damaged/ in all
+    of them, with one warning line, and the previous one is tried."""
+    import orbax.checkpoint as ocp
+
+    # The restore target is the structure the init function builds (PRNG keys here are raw uint32 arrays).
+    target = jax.eval_shape(functools.partial(init_carry, env, args), jax.random.PRNGKey(0))
+    restore_args = ocp.args.Composite(state=ocp.args.StandardRestore(without_empty_arrays(target)),
+                                      loop=ocp.args.JsonRestore())
+    steps = sorted({int(p.name) for d in dirs for p in (d / "checkpoints").glob("*") if p.name.isdigit()})
+    for step in reversed(steps):
+        try:
+            restored = [ocp.CheckpointManager((d / "checkpoints").absolute()).restore(step, args=restore_args)
+                        for d in dirs]
+            states = [jax.tree.map(lambda t, x: np.zeros(t.shape, t.dtype) if x is None else x, target, r.state)
+                      for r in restored]
+            carry = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *states)
+            return step, carry, restored[0].loop
+        except Exception as e:  # whatever orbax or the file system raises, the step is unusable
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            print(f"warning: checkpoint step {step} is damaged ({reason}); moved to checkpoints_damaged/, using the "
+                  "previous one", file=sys.stderr, flush=True)
+            for d in dirs:
+                if (d / "checkpoints" / str(step)).exists():
+                    (d / "checkpoints_damaged").mkdir(exist_ok=True)
+                    os.replace(d / "checkpoints" / str(step), d / "checkpoints_damaged" / str(step))
+    raise UserError(f"--resume: no usable checkpoint in {dirs[0] / 'checkpoints'}")
+
+
+def without_empty_arrays(tree):
+    """Orbax refuses zero-size arrays (MJX data has some, e.g. `act` of a model without activations); they hold
+    no data, so they are stored as None and rebuilt from the restore target's shape."""
+    return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
+
+
+def drop_eval_rows_after(path: Path, step: int) -> None:
+    """Keep eval.csv's header and its complete rows up to `step` (the resumed run writes the later ones again)."""
+    lines = path.read_text().splitlines(keepends=True)
+    rows = [r for r in lines[1:] if r.endswith("\n") and r.count(",") == 3 and int(r.split(",")[0]) <= step]
+    atomic_write(path, "".join(lines[:1] + rows).encode())
+
+
+def stop_on_signals() -> tuple[list, dict]:
+    """SIGTERM and SIGINT ask the loop to stop after the current iteration (the returned list gets the signal);
+    a second signal exits at once. Returns that list and the previous handlers."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        print("signal received: finishing the current iteration", flush=True)
+
+    return received, {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def atomic_write(path: Path, data: bytes) -> None:

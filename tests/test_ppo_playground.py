@@ -7,6 +7,10 @@ import ast
 import dataclasses
 import json
 import math
+import os
+import shutil
+import signal
+import struct
 import subprocess
 import sys
 import types
@@ -391,7 +395,7 @@ def test_cli_smoke_writes_run_folder(tiny_runs):
                     "losses/v_loss", "losses/entropy_loss"):
             assert tag in scalars, tag
         assert [s for s, _ in scalars["eval/return"]] == record["eval_steps"]
-        assert list((run_dir / "checkpoints").glob("*.msgpack"))
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["20480"]  # the end is an eval point
 
 
 @same_worker
@@ -402,7 +406,7 @@ def test_dry_run_prints_what_args_json_holds(tiny_runs, tmp_path):
     printed = json.loads(run_script("ppo_playground.py", *flags, "--dry-run").stdout)
     assert list(tmp_path.iterdir()) == []
     written = json.loads((tiny_runs[0] / "args.json").read_text())
-    del written["metadata"]
+    del written["metadata"], written["batch_run_dirs"]
     assert printed.pop("run_dir") == str(tmp_path / "dry") and written.pop("run_dir") != str(tmp_path / "dry")
     assert printed == written
 
@@ -419,6 +423,169 @@ def test_equal_seeds_give_identical_returns(tiny_runs, compile_cache, tmp_path):
     for original, again in zip(tiny_runs, (Path(f"{tmp_path}/again__3"), Path(f"{tmp_path}/again__4")), strict=True):
         columns = [(r["return"], r["return_deterministic"]) for r in read_eval(original)]
         assert columns == [(r["return"], r["return_deterministic"]) for r in read_eval(again)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints, resume and preemption
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("every,save_model,due", [
+    (None, False, [40, 80, 120, 160]),  # eval points (every 2nd iteration of 20 env steps) and the end
+    (50, False, [60, 100, 160]),  # first iteration at or past 50, 100, 150 (the end)
+    (0, False, []),
+    (0, True, [160]),
+])
+def test_checkpoint_schedule(every, save_model, due):
+    args = P.resolve_args(P.Args(num_evals=5, num_resets_per_eval=0, total_steps=160, checkpoint_every=every,
+                                 save_model=save_model, num_envs=2, batch_size=2, num_minibatches=2, unroll_length=5,
+                                 action_repeat=1))
+    assert args.steps_per_iteration == 20 and args.eval_steps == (0, 40, 80, 120, 160)
+    assert [s for s in range(20, 161, 20) if P.checkpoint_due(args, s)] == due
+
+
+def resume_ppo(cache: Path, run_dir: Path, *args: str, check: bool = True):
+    return run_ppo(cache, "--resume", str(run_dir), *args, check=check)
+
+
+def eval_returns(run_dir: Path) -> list[tuple[str, str, str]]:
+    """eval.csv without the wall_time column."""
+    return [(r["step"], r["return"], r["return_deterministic"]) for r in read_eval(run_dir)]
+
+
+def tb_shown_scalars(run_dir: Path) -> dict[str, list[int]]:
+    """Steps of each scalar as TensorBoard shows them: the events files in order, where a SessionLog START event
+    at step s (what purge_step writes) hides every earlier event at step >= s."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                out = {tag: [s for s in steps if s < event.step] for tag, steps in out.items()}
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append(event.step)
+    return out
+
+
+@pytest.fixture(scope="module")
+def extended_runs(tiny_runs, compile_cache, tmp_path_factory) -> tuple[list[Path], subprocess.CompletedProcess]:
+    """A copy of the tiny runs (2 iterations, ended with a checkpoint) resumed from the second seed's folder with
+    --total-steps doubled: (the two folders, the resume's output)."""
+    base = tmp_path_factory.mktemp("extended")
+    copies = [Path(shutil.copytree(d, base / d.name)) for d in tiny_runs]
+    return copies, resume_ppo(compile_cache, copies[1], "--total-steps", "40960")
+
+
+@same_worker
+def test_resume_extends_exactly_like_a_longer_run(extended_runs, compile_cache, tmp_path):
+    """T then --resume --total-steps 2T equals 2T from scratch: every seed of the batch, every eval.csv value but
+    wall_time, and the resolved config. Extending adds evaluation blocks of the same length, so the 2T run is the
+    one with --num-evals 3 (evaluations at 0, T, 2T) and the same hard-reset period (every iteration)."""
+    resumed, proc = extended_runs
+    assert "resumed from step 20480" in proc.stdout and "--num-evals 2 -> 3" in proc.stdout
+    run_ppo(compile_cache, *TINY, "--seed", "3", "--exp-name", "tiny", "--total-steps", "40960", "--num-evals", "3",
+            "--save-model", "--run-dir", str(tmp_path / "long"))
+    for seed, run_dir in zip((3, 4), resumed, strict=True):
+        long = tmp_path / f"long__{seed}"
+        assert [r[0] for r in eval_returns(run_dir)] == ["0", "20480", "40960"]
+        assert eval_returns(run_dir) == eval_returns(long)
+        configs = [json.loads((d / "args.json").read_text()) for d in (run_dir, long)]
+        for config in configs:
+            del config["metadata"], config["run_dir"], config["batch_run_dirs"]
+        assert configs[0] == configs[1]
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["20480", "40960"]
+        shown = tb_shown_scalars(run_dir)
+        assert shown["eval/return"] == [0, 20480, 40960]
+        assert shown["losses/v_loss"] == [10240, 20480, 30720, 40960]
+
+
+@same_worker
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(extended_runs, compile_cache, tmp_path):
+    copies = [Path(shutil.copytree(d, tmp_path / d.name)) for d in extended_runs[0]]
+    (largest, *_) = sorted((f for f in (copies[0] / "checkpoints" / "40960").rglob("*") if f.is_file()),
+                           key=lambda f: -f.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(largest.stat().st_size // 2)
+    proc = resume_ppo(compile_cache, copies[0])
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "checkpoint step 40960 is damaged" in warnings[0]
+    assert "resumed from step 20480" in proc.stdout
+    for copy, original in zip(copies, extended_runs[0], strict=True):
+        assert (copy / "checkpoints_damaged" / "40960").is_dir()  # moved aside in every seed's folder, not deleted
+        assert eval_returns(copy) == eval_returns(original)
+
+
+@same_worker
+def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(compile_cache, tmp_path):
+    """6 iterations; SIGTERM after the first progress line: the current iteration ends, a checkpoint is written,
+    exit 0. The resume runs the rest, and the run ends as an uninterrupted one would (evaluations at 0 and the
+    end; each seed's folder holds its checkpoints)."""
+    run_dir = tmp_path / "term"
+    flags = [*CPU_CFG, "--total-steps", "61440", "--num-evals", "2", "--num-resets-per-eval", "2",
+             "--episode-length", "1000", "--seed", "3", "--run-dir", str(run_dir)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    proc = subprocess.Popen([sys.executable, str(REPO / "ppo_playground.py"), *flags], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    lines += out.splitlines(keepends=True)
+    assert proc.returncode == 0, "".join(lines) + err
+    assert "signal received: finishing the current iteration\n" in lines
+    (stopped,) = [line for line in lines if line.startswith("stopped at step ")]
+    step = int(stopped.split()[3].rstrip(";"))
+    assert 0 < step < 61440 and stopped.strip().endswith(f"--resume {run_dir}__3")
+    for seed in (3, 4):
+        assert (Path(f"{run_dir}__{seed}") / "checkpoints" / str(step)).is_dir()
+
+    done = resume_ppo(compile_cache, Path(f"{run_dir}__3"))
+    assert f"resumed from step {step}" in done.stdout
+    for seed in (3, 4):
+        assert [r[0] for r in eval_returns(Path(f"{run_dir}__{seed}"))] == ["0", "61440"]
+        assert (Path(f"{run_dir}__{seed}") / "checkpoints" / "61440").is_dir()
+
+
+@same_worker
+def test_resume_refusals_are_one_line_and_write_nothing(tiny_runs, tmp_path):
+    run_dir = Path(shutil.copytree(tiny_runs[0], tmp_path / tiny_runs[0].name))
+    bare = tmp_path / "bare" / run_dir.name  # a run folder without checkpoints (--checkpoint-every 0)
+    bare.mkdir(parents=True)
+    shutil.copy(run_dir / "args.json", bare)
+    other = tmp_path / "other"  # another script's run folder
+    other.mkdir()
+    (other / "args.json").write_text(json.dumps({"buffer_size": 10, "metadata": {"script": "tdmpc2_jax.py"}}))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    cases = [
+        (dict(resume=str(run_dir), learning_rate=0.01), "--learning-rate 0.01 differs from the run's 0.001"),
+        (dict(resume=str(run_dir), value_hidden_sizes=(8,)), "--value-hidden-sizes 8 differs from the run's 64 64 64"),
+        (dict(resume=str(tmp_path / "nope")), "no folder"),
+        (dict(resume=str(tmp_path)), "no args.json"),
+        (dict(resume=str(other)), "a run folder of tdmpc2_jax.py, not of ppo_playground.py"),
+        (dict(resume=str(bare)), "has no checkpoints"),
+        # a new run into the folders of one with checkpoints
+        (dict(run_dir=str(tmp_path / "tiny"), seed=3, num_seeds=2, impl="jax"), "already holds a run's checkpoints"),
+    ]
+    for overrides, needle in cases:
+        with pytest.raises(P.UserError) as exc:
+            P.train(P.Args(**overrides))
+        assert "\n" not in str(exc.value) and needle in str(exc.value), str(exc.value)
+    # As a user sees it: exit code 2, one line, no traceback.
+    proc = run_script("ppo_playground.py", "--resume", str(run_dir), "--num-envs", "32", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: --resume: --num-envs 32 differs from the run's 64; only "
+                                                "--total-steps, --checkpoint-every, --keep-checkpoints may change "
+                                                "when resuming"]
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
 
 
 @pytest.mark.slow
