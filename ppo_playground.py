@@ -885,8 +885,8 @@ def save_checkpoint(managers: list, step: int, carry: dict, loop: dict) -> None:
 
 def restore_batch(env, args: Args, dirs: list[Path]) -> tuple[int, dict, dict]:
     """(step, carry stacked over seeds, loop state) of the newest checkpoint step that every folder of the batch
-    restores. A step that fails in any folder (truncated, corrupt, missing) is moved to checkpoints_damaged/ in all
-    of them, with one warning line, and the previous one is tried."""
+    restores. Newer steps that fail in any folder (truncated, corrupt, missing) are moved to checkpoints_damaged/ in
+    all of them, with one warning line each."""
     import orbax.checkpoint as ocp
 
     # The restore target is the structure the init function builds (PRNG keys here are raw uint32 arrays).
@@ -894,23 +894,32 @@ def restore_batch(env, args: Args, dirs: list[Path]) -> tuple[int, dict, dict]:
     restore_args = ocp.args.Composite(state=ocp.args.StandardRestore(without_empty_arrays(target)),
                                       loop=ocp.args.JsonRestore())
     steps = sorted({int(p.name) for d in dirs for p in (d / "checkpoints").glob("*") if p.name.isdigit()})
+    failed = []
     for step in reversed(steps):
         try:
             restored = [ocp.CheckpointManager((d / "checkpoints").absolute()).restore(step, args=restore_args)
                         for d in dirs]
-            states = [jax.tree.map(lambda t, x: np.zeros(t.shape, t.dtype) if x is None else x, target, r.state)
-                      for r in restored]
-            carry = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *states)
-            return step, carry, restored[0].loop
+            break
         except Exception as e:  # whatever orbax or the file system raises, the step is unusable
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-            print(f"warning: checkpoint step {step} is damaged ({reason}); moved to checkpoints_damaged/, using the "
-                  "previous one", file=sys.stderr, flush=True)
-            for d in dirs:
-                if (d / "checkpoints" / str(step)).exists():
-                    (d / "checkpoints_damaged").mkdir(exist_ok=True)
-                    os.replace(d / "checkpoints" / str(step), d / "checkpoints_damaged" / str(step))
-    raise UserError(f"--resume: no usable checkpoint in {dirs[0] / 'checkpoints'}")
+            failed.append((step, (str(e).strip().splitlines() or [type(e).__name__])[0][:120]))
+    else:  # none restores: rather a config that does not fit them than all damaged, so nothing is moved
+        raise UserError(f"--resume: no checkpoint in {dirs[0] / 'checkpoints'} can be restored (step {failed[0][0]}: "
+                        f"{failed[0][1]})")
+    for bad, reason in failed:
+        print(f"warning: checkpoint step {bad} is damaged ({reason}); moved to checkpoints_damaged/, using the "
+              "previous one", file=sys.stderr, flush=True)
+        for d in dirs:
+            if (d / "checkpoints" / str(bad)).exists():
+                (d / "checkpoints_damaged").mkdir(exist_ok=True)
+                os.replace(d / "checkpoints" / str(bad), d / "checkpoints_damaged" / str(bad))
+    states = [jax.tree.map(lambda t, x: np.zeros(t.shape, t.dtype) if x is None else x, target, r.state)
+              for r in restored]
+    # Orbax checks the tree structure but returns arrays in their saved shapes (and casts dtypes): check the shapes.
+    for (path, t), x in zip(jax.tree_util.tree_leaves_with_path(target), jax.tree.leaves(states[0]), strict=True):
+        if t.shape != x.shape:
+            raise UserError(f"--resume: checkpoint step {step} does not fit the run's config: "
+                            f"{jax.tree_util.keystr(path)} has shape {x.shape}, the config gives {t.shape}")
+    return step, jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *states), restored[0].loop
 
 
 def without_empty_arrays(tree):

@@ -451,9 +451,9 @@ def eval_returns(run_dir: Path) -> list[tuple[str, str, str]]:
     return [(r["step"], r["return"], r["return_deterministic"]) for r in read_eval(run_dir)]
 
 
-def tb_shown_scalars(run_dir: Path) -> dict[str, list[int]]:
-    """Steps of each scalar as TensorBoard shows them: the events files in order, where a SessionLog START event
-    at step s (what purge_step writes) hides every earlier event at step >= s."""
+def tb_shown_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of each scalar as TensorBoard shows them: the events files in order, where a SessionLog START
+    event at step s (what purge_step writes) hides every earlier event at step >= s."""
     from tensorboardX.proto import event_pb2
 
     out = {}
@@ -465,10 +465,10 @@ def tb_shown_scalars(run_dir: Path) -> dict[str, list[int]]:
             event.ParseFromString(data[i + 12:i + 12 + n])
             i += 12 + n + 4
             if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-                out = {tag: [s for s in steps if s < event.step] for tag, steps in out.items()}
+                out = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in out.items()}
             for value in event.summary.value:
                 if value.HasField("simple_value"):
-                    out.setdefault(value.tag, []).append(event.step)
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
 
 
@@ -499,9 +499,10 @@ def test_resume_extends_exactly_like_a_longer_run(extended_runs, compile_cache, 
             del config["metadata"], config["run_dir"], config["batch_run_dirs"]
         assert configs[0] == configs[1]
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["20480", "40960"]
-        shown = tb_shown_scalars(run_dir)
-        assert shown["eval/return"] == [0, 20480, 40960]
-        assert shown["losses/v_loss"] == [10240, 20480, 30720, 40960]
+        shown, shown_long = tb_shown_scalars(run_dir), tb_shown_scalars(long)
+        assert [s for s, _ in shown["eval/return"]] == [0, 20480, 40960]
+        for tag in ("eval/return", "losses/v_loss", "losses/policy_loss"):
+            assert shown[tag] == shown_long[tag], tag
 
 
 @same_worker
@@ -557,7 +558,13 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(compile_cache, tmp_
 
 @same_worker
 def test_resume_refusals_are_one_line_and_write_nothing(tiny_runs, tmp_path):
-    run_dir = Path(shutil.copytree(tiny_runs[0], tmp_path / tiny_runs[0].name))
+    run_dir, _ = (Path(shutil.copytree(d, tmp_path / d.name)) for d in tiny_runs)
+    mismatched = {}  # the batch again, with a value network the checkpoints do not fit
+    for name, sizes in [("shape", [64, 64, 32]), ("layers", [64, 64])]:
+        copies = [Path(shutil.copytree(d, tmp_path / name / d.name)) for d in tiny_runs]
+        config = json.loads((copies[0] / "args.json").read_text())
+        (copies[0] / "args.json").write_text(json.dumps(config | dict(value_hidden_sizes=sizes)))
+        mismatched[name] = copies[0]
     bare = tmp_path / "bare" / run_dir.name  # a run folder without checkpoints (--checkpoint-every 0)
     bare.mkdir(parents=True)
     shutil.copy(run_dir / "args.json", bare)
@@ -572,6 +579,8 @@ def test_resume_refusals_are_one_line_and_write_nothing(tiny_runs, tmp_path):
         (dict(resume=str(tmp_path)), "no args.json"),
         (dict(resume=str(other)), "a run folder of tdmpc2_jax.py, not of ppo_playground.py"),
         (dict(resume=str(bare)), "has no checkpoints"),
+        (dict(resume=str(mismatched["shape"])), "['Dense_2']['bias'] has shape (64,), the config gives (32,)"),
+        (dict(resume=str(mismatched["layers"])), "no checkpoint in"),  # orbax: another structure; nothing moved
         # a new run into the folders of one with checkpoints
         (dict(run_dir=str(tmp_path / "tiny"), seed=3, num_seeds=2, impl="jax"), "already holds a run's checkpoints"),
     ]
