@@ -57,8 +57,7 @@ class Args:
     save_model: bool = False
     """write a checkpoint at the end even with --checkpoint-every 0"""
     checkpoint_every: Optional[int] = None
-    """env steps between full-state checkpoints in {run_dir}/checkpoints/ (default: at every evaluation; 0: off);
-    one is also written at the end"""
+    """env steps between full-state checkpoints in {run_dir}/checkpoints/ (default: every evaluation; 0: off)"""
     keep_checkpoints: int = 2
     """newest checkpoints kept in each run folder"""
     resume: Optional[str] = None
@@ -741,7 +740,7 @@ def train(args: Args) -> list[Path]:
                 writer.flush()
             loop = dict(iteration=iteration, train_time=train_time, wall_time=time.time() - wall_start)
             save_checkpoint(managers, step, dict(carry, ts=ts), loop)
-        if stop:
+        if stop and iteration < args.num_iterations:  # (a signal during the last iteration lets the run end)
             print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {dirs[0]}", flush=True)
             stopped = True
             break
