@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 
@@ -22,6 +23,9 @@ if str(REPO) not in sys.path:
 # What the TD-MPC scripts' resolve_args reads from the env: DM Control with action repeat 2 (1000 env steps = 500 agent
 # steps, so the resolved discount is 0.99).
 DMC_ENV = SimpleNamespace(impl="jax", episode_length=1000, action_dim=4, max_agent_steps=500)
+
+# A CPU process with two devices: how sharding over devices is tested without a GPU.
+TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 # Tiny TD-MPC2 settings: a few seconds of training on CartpoleBalance on a CPU.
 TINY_TDMPC2 = [
@@ -52,11 +56,13 @@ def script_env() -> dict:
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
 
 
-def run_script(script: str, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python script args...` from the repo root; on failure show its output."""
+def run_script(script: str, *args: str, timeout: float = 600, check: bool = True,
+               env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run `python script args...` from the repo root (with `env` added to its environment); on failure show its
+    output."""
     proc = subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=REPO, env={**script_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
     if check and proc.returncode != 0:
         output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -126,13 +132,13 @@ def sigterm_then_resume(script: str, flags: list[str], run_dir: Path, total: int
 
 
 def damage_newest_checkpoint(run_dir: Path) -> int:
-    """Cut the newest checkpoint's largest data file short, as a kill during a copy or a full disk would; returns
-    that checkpoint's step."""
+    """Cut every file of the newest checkpoint to a tenth, as a kill during a copy or a full disk would; returns that
+    checkpoint's step."""
     step = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
-    largest = max((p for p in (run_dir / "checkpoints" / str(step)).rglob("*") if p.is_file()),
-                  key=lambda p: p.stat().st_size)
-    with open(largest, "r+b") as f:
-        f.truncate(largest.stat().st_size // 10)
+    for path in (run_dir / "checkpoints" / str(step)).rglob("*"):
+        if path.is_file():
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size // 10)
     return step
 
 
