@@ -285,8 +285,8 @@ def resolve_args(args: Args, venv) -> Args:
     )
     positive = ["num_seeds", "total_steps", "num_envs", "k_update", "action_repeat", "eval_freq", "eval_episodes",
                 "log_freq", "buffer_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "simnorm_dim",
-                "batch_size", "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std", "min_std",
-                "episode_length", "seed_steps", "iterations", "discount", "keep_checkpoints"]
+                "batch_size", "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std",
+                "min_std", "episode_length", "seed_steps", "iterations", "discount", "keep_checkpoints"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
