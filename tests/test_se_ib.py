@@ -1,6 +1,6 @@
 """se_ib_tdmpc2.py: the SE / IB losses against hand-computed values, finite gradients, wiring into the world-model
-loss, the CLI, bit-for-bit parity with tdmpc2_jax.py when the regularisers are off, exact resume with them on, and
-learning on CartpoleBalance."""
+loss, the CLI, bit-for-bit parity with tdmpc2_jax.py when the regularisers are off (alone and with --num-seeds), exact
+resume with them on, and learning on CartpoleBalance."""
 
 import dataclasses
 import json
@@ -13,6 +13,7 @@ import pytest
 from conftest import (
     DMC_ENV,
     TINY_TDMPC2,
+    TWO_DEVICES,
     assert_resume_is_exact,
     learning_run,
     read_eval,
@@ -289,6 +290,26 @@ def test_off_is_tdmpc2_bit_for_bit(tdmpc2_tiny_run, tmp_path):
     assert all(0 <= value <= math.log(8) + 1e-6 for _, value in entropy)
 
 
+def test_seed_batch_on_two_devices_is_tdmpc2s_and_logs_module_entropy_per_seed(tmp_path):
+    """--num-seeds 2 over two devices: with the regularisers off every seed's eval.csv is tdmpc2_jax.py's batch's;
+    with SE on, each seed's TensorBoard gets its own se/module_entropy, computed inside the seed-batched program."""
+    flags = [*TINY_TDMPC2, "--num-seeds", "2", "--checkpoint-every", "0"]
+    run_script("tdmpc2_jax.py", *flags, "--run-dir", str(tmp_path / "tdmpc2"), env=TWO_DEVICES)
+    run_script("se_ib_tdmpc2.py", *flags, "--run-dir", str(tmp_path / "off"), env=TWO_DEVICES)
+    run_script("se_ib_tdmpc2.py", *flags, "--se-coef", "0.01", "--total-steps", "400", "--run-dir",
+               str(tmp_path / "se"), env=TWO_DEVICES)
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
+    entropies = []
+    for seed in (1, 2):
+        assert strip(read_eval(tmp_path / f"off__{seed}")) == strip(read_eval(tmp_path / f"tdmpc2__{seed}"))
+        scalars = read_tb_scalars(tmp_path / f"se__{seed}")
+        assert [step for step, _ in scalars["se/module_entropy"]] == [400]  # after the first chunk
+        assert all(0 <= value <= math.log(8) + 1e-6 for _, value in scalars["se/module_entropy"])
+        assert "losses/se" in scalars
+        entropies.append(scalars["se/module_entropy"])
+    assert entropies[0] != entropies[1]  # each seed's own agent and buffer
+
+
 # --- resume ---
 def test_resume_is_exact(tmp_path):
     # Regularisers on: their losses and se/module_entropy (its key folded off the step's eval key) must continue too.
@@ -297,7 +318,7 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_resume_refuses_other_scripts_runs_and_changed_regularisers(tmp_path):
-    resume = lambda folder, **flags: S.resume_config(S.Args(resume=str(folder), **flags))
+    resume = lambda folder, **flags: S.resume_config(S.Args(resume=str(folder), **flags))[0]
     (tmp_path / "checkpoints" / "800").mkdir(parents=True)
     tdmpc2_run = {**dataclasses.asdict(T.Args()), "metadata": {"script": "tdmpc2_jax.py"}}
     (tmp_path / "args.json").write_text(json.dumps(tdmpc2_run))
