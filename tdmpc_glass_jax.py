@@ -46,8 +46,13 @@ class Args:
     """RNG seed of the run"""
     env_id: str = "HopperHop"
     """MuJoCo Playground environment id (DM Control suite names such as HopperHop, CartpoleBalance)"""
+    num_seeds: int = 1
+    """seeds seed, seed+1, ... trained together in one jitted program, laid over every device; one run folder each"""
+    distributed: bool = False
+    """several hosts: call jax.distributed.initialize() (coordinator from JAX's environment variables); each process
+    trains and writes its share of the seeds"""
     run_dir: Optional[str] = None
-    """run folder (unset = runs/{env_id}__{exp_name}__{seed}__{unix_time})"""
+    """run folder (unset = runs/{env_id}__{exp_name}__{seed}__{unix_time}); with several seeds, suffixed __{seed}"""
     checkpoint_every: Optional[int] = None
     """env steps between full-state checkpoints (unset = --eval-freq; 0 = none); one is also written at the end"""
     keep_checkpoints: int = 2
@@ -330,10 +335,10 @@ def resolve_args(args: Args, venv) -> Args:
         pretrain_updates=fill(args.pretrain_updates, seed_vector_steps * args.k_update),
         checkpoint_every=fill(args.checkpoint_every, args.eval_freq),
     )
-    positive = ["total_steps", "num_envs", "k_update", "action_repeat", "eval_freq", "eval_episodes", "log_freq",
-                "buffer_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "simnorm_dim", "batch_size",
-                "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std", "min_std",
-                "episode_length", "seed_steps", "iterations", "discount", "keep_checkpoints"]
+    positive = ["num_seeds", "total_steps", "num_envs", "k_update", "action_repeat", "eval_freq", "eval_episodes",
+                "log_freq", "buffer_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "simnorm_dim",
+                "batch_size", "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std",
+                "min_std", "episode_length", "seed_steps", "iterations", "discount", "keep_checkpoints"]
     positive += ["glass_proto_temperature", "glass_assign_temperature", "glass_num_prototypes", "glass_num_clusters",
                  "glass_every_k_updates"]
     for name in positive:
@@ -1159,134 +1164,320 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------------------------------
 # train(): resolve the config, then alternate jitted training chunks with evaluations, logs and checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
-def train(args: Args) -> Optional[Path]:
-    from tensorboardX import SummaryWriter
-
+def train(args: Args) -> list[Path]:
+    if args.distributed:
+        start_distributed()
+    run_dirs = None
     if args.resume is not None:
-        args = resume_config(args)
+        args, run_dirs = resume_config(args)
     venv = VectorEnv(load_env(args.env_id, args.impl, args.episode_length), args.action_repeat)
     args = resolve_args(args, venv)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(args), indent=2))
-        return None
+        return []
     trainer = Trainer(args, venv)
-    k_eval, k_init = jax.random.split(jax.random.key(args.seed))
+    mesh = seed_mesh(args.num_seeds)
+    env_steps_per_vector_step = args.num_envs * args.action_repeat
+    chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
+    train_chunk = over_seeds(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), mesh, donate=True)
+    # The eval key depends only on the step: evaluations are the same however often the run was resumed.
+    evaluate = over_seeds(lambda agent, key, step: trainer.evaluate(agent, jax.random.fold_in(key, step)), mesh,
+                          in_axes=(0, 0, None))
+    # Seed s draws exactly the keys a solo run of seed s draws.
+    seed_keys = [jax.random.key_data(jax.random.split(jax.random.key(args.seed + i))) for i in range(args.num_seeds)]
+    keys = jax.random.wrap_key_data(seed_sharded(mesh, np.stack(seed_keys)))
+    k_eval, k_init = keys[:, 0], keys[:, 1]
+
+    runs = SeedRuns(args, mesh, run_dirs)
     if args.resume is None:
-        run_dir = prepare_run_dir(args)
-        checkpoints = Checkpoints(run_dir, args.keep_checkpoints)
-        carry = jax.jit(trainer.init)(k_init)  # jitted: its outputs match the chunk's, so nothing compiles twice
-        loop = {"step": 0, "next_eval": 0, "next_checkpoint": args.checkpoint_every, "wall_time": 0.0,
-                "returns": {}}
+        carry = over_seeds(trainer.init, mesh)(k_init)  # jitted: its outputs match the chunk's, nothing compiles twice
+        loop = {"step": 0, "next_eval": 0, "next_checkpoint": args.checkpoint_every, "wall_time": 0.0}
+        returns = {i: {} for i in runs.local}
     else:
-        run_dir = Path(args.resume)
-        checkpoints = Checkpoints(run_dir, args.keep_checkpoints)
-        carry, loop = checkpoints.restore_newest(jax.eval_shape(trainer.init, k_init))
+        shapes = jax.eval_shape(trainer.init, jax.random.key(0))
+        stored, loop, returns = runs.restore(shapes)
+        stored = jax.tree.map(partial(jax.make_array_from_process_local_data, seed_sharding(mesh)), stored)
+        carry = over_seeds(lambda x: jax.tree.map(from_storable, x, shapes), mesh)(stored)
         if loop["step"] >= args.total_steps:
             raise UserError(f"--resume: the run already reached step {loop['step']:,}; pass a larger --total-steps "
                             "to extend it")
         print(f"resumed from step {loop['step']}", flush=True)
-    atomic_write(run_dir / "args.json", json.dumps({**dataclasses.asdict(args), "metadata": run_metadata()},
-                                                    indent=2).encode())
-    # Events past the checkpoint (written before an interruption) are hidden, so the curves continue without repeats.
-    writer = SummaryWriter(str(run_dir), purge_step=loop["step"] + 1 if args.resume else None)
-    if args.resume is None:
-        table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    runs.open(resume_step=loop["step"] if args.resume else None)
     arbitrate = args.arbitration_margin is not None
-    columns = ["step", "wall_time", "return_pi", "return_mppi"] + ["return_arb"] * arbitrate
-    eval_log = EvalLog(run_dir / "eval.csv", columns, resume_step=loop["step"] if args.resume else None)
-    (run_dir / "glass").mkdir(exist_ok=True)
-    if args.resume:  # like eval.csv's rows: the graphs of evaluations past the checkpoint are written again
-        for path in (run_dir / "glass").glob("P_S_step*.npz"):
-            if int(path.stem.removeprefix("P_S_step")) > loop["step"]:
-                path.unlink()
-
-    env_steps_per_vector_step = args.num_envs * args.action_repeat
-    chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
-    train_chunk = jax.jit(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), donate_argnums=0)
-    evaluate = jax.jit(trainer.evaluate)
-    glass_report = jax.jit(trainer.glass_report)
+    # Glass's diagnostics batch: drawn with the step's eval key folded with GLASS_KEY_DATA, so it too is the same
+    # however often the run was resumed.
+    glass_report = over_seeds(
+        lambda agent, buffer, key, step: trainer.glass_report(
+            agent, buffer, jax.random.fold_in(jax.random.fold_in(key, step), GLASS_KEY_DATA), step),
+        mesh, in_axes=(0, 0, 0, None))
     print(
         f"{args.env_id} ({args.impl}): obs {venv.obs_dim}, action {venv.action_dim}, discount {args.discount:.4f}; "
         f"{env_steps_per_vector_step} env steps per vector step, {args.k_update} updates each; "
-        f"{args.seed_steps} seed steps, then {args.pretrain_updates} updates; run folder {run_dir}",
+        f"{args.seed_steps} seed steps, then {args.pretrain_updates} updates; {seeds_on_devices(args, mesh)}; "
+        f"run folder{'s' if len(runs.dirs) > 1 else ''} {', '.join(map(str, runs.dirs))}",
         flush=True,
     )
 
     start_time = time.time() - loop["wall_time"]
     start_step = step = loop["step"]
-    returns = loop["returns"]
     timed_steps, timed_seconds = 0, 0.0  # SPS and ETA count training chunks only (not seeding, not the compile)
     stop = StopSignal()
     try:
         while True:
             finished = step >= args.total_steps
             if stop.signum is None and (step >= loop["next_eval"] or finished):
-                # The eval key depends only on the step: evaluations are the same however often the run was resumed.
-                k_step = jax.random.fold_in(k_eval, step)
-                return_pi, return_mppi = map(float, evaluate(carry.agent, k_step))
-                returns = {"pi": return_pi, "mppi": return_mppi}
-                if arbitrate:  # chosen on the episodes it reports, so (like best-any) an optimistic number
-                    returns["arb"] = return_mppi if return_mppi > return_pi + args.arbitration_margin else return_pi
-                eval_log.write(step, round(time.time() - start_time, 2), *returns.values())
-                for mode, value in returns.items():
-                    writer.add_scalar(f"eval/return_{mode}", value, step)
-                k_glass = jax.random.fold_in(k_step, GLASS_KEY_DATA)
-                report = glass_report(carry.agent, carry.buffer, k_glass, jnp.int32(step))
-                write_glass_report(run_dir, writer, report, step)
+                returns_pi, returns_mppi = evaluate(carry.agent, k_eval, step)
+                for i, (pi, mppi) in local_seed_rows((returns_pi, returns_mppi)).items():
+                    returns[i] = {"pi": float(pi), "mppi": float(mppi)}
+                    if arbitrate:  # chosen on the episodes it reports, so (like best-any) an optimistic number
+                        better = returns[i]["mppi"] > returns[i]["pi"] + args.arbitration_margin
+                        returns[i]["arb"] = returns[i]["mppi" if better else "pi"]
+                runs.log_eval(step, time.time() - start_time, returns)
+                runs.log_glass(step, glass_report(carry.agent, carry.buffer, k_eval, step))
                 while loop["next_eval"] <= step:
                     loop["next_eval"] += args.eval_freq
             checkpoint_due = args.checkpoint_every and (step >= loop["next_checkpoint"] or finished)
             wanted = checkpoint_due or (finished and args.save_model) or stop.signum is not None
-            if wanted and step != checkpoints.latest_step():
+            if wanted and step != runs.checkpointed_step():
                 while args.checkpoint_every and loop["next_checkpoint"] <= step:
                     loop["next_checkpoint"] += args.checkpoint_every
-                loop.update(step=step, returns=returns, wall_time=time.time() - start_time)
-                writer.flush()  # every event up to this step is on disk before the checkpoint claims it
-                print(checkpoints.save(step, carry, loop), flush=True)
+                loop.update(step=step, wall_time=time.time() - start_time)
+                print(runs.save(step, carry, loop, returns), flush=True)
             if finished or stop.signum is not None:
                 break
             tick = time.time()
             carry, (stats, info) = train_chunk(carry)
-            stats, info = jax.device_get((stats, info))  # waits for the chunk
+            per_seed = {i: jax.device_get(row) for i, row in local_seed_rows((stats, info)).items()}  # waits
             chunk_start, step = step, step + chunk_vector_steps * env_steps_per_vector_step
-            if (bad := first_nonfinite(info)) is not None:
-                name, index = bad
-                raise UserError(
-                    f"non-finite losses/{name} at env step {chunk_start + (index + 1) * env_steps_per_vector_step}; "
-                    "stopping (checkpoints written so far are intact)"
-                )
+            for i, (_, seed_info) in per_seed.items():
+                if (bad := first_nonfinite(seed_info)) is not None:
+                    name, index = bad
+                    seed = f" (seed {args.seed + i})" if args.num_seeds > 1 else ""
+                    raise UserError(
+                        f"non-finite losses/{name} at env step {chunk_start + (index + 1) * env_steps_per_vector_step}"
+                        f"{seed}; stopping (checkpoints written so far are intact)"
+                    )
             if chunk_start >= args.seed_steps and chunk_start > start_step:  # no seeding, burst or compile
                 timed_steps += step - chunk_start
                 timed_seconds += time.time() - tick
-                writer.add_scalar("charts/SPS", timed_steps / timed_seconds, step)
-            if episodes := int(stats["episodes"].sum()):
-                writer.add_scalar("charts/episodic_return", float(stats["returns_sum"].sum()) / episodes, step)
             training = np.arange(chunk_start, step, env_steps_per_vector_step) >= args.seed_steps
-            for name, values in info.items():
-                if training.any():
-                    writer.add_scalar(f"losses/{name}", float(np.mean(values[training])), step)
+            runs.log_chunk(step, per_seed, training, timed_steps / timed_seconds if timed_seconds else None)
             speed = speed_and_eta(timed_steps, timed_seconds, args.total_steps - step)
-            last_eval = ", ".join(f"{mode} {value:.1f}" for mode, value in returns.items())
-            print(f"step {step:,}/{args.total_steps:,} | {speed} | last eval: {last_eval}", flush=True)
+            if args.num_seeds > 1 and timed_seconds:  # SPS counts one seed's env steps
+                in_all = timed_steps / timed_seconds * args.num_seeds
+                speed = speed.replace(" |", f" per seed ({in_all:,.0f} in all) |", 1)
+            print(f"step {step:,}/{args.total_steps:,} | {speed} | last eval: {format_returns(returns)}", flush=True)
     finally:
         stop.restore()
-        writer.close()
-        checkpoints.close()
+        runs.close()
     if stop.signum is not None:
-        print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {run_dir}", flush=True)
+        resume_dir = runs.dirs[0]
+        print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {resume_dir}", flush=True)
         raise Preempted(stop.signum)
-    final = ", ".join(f"{mode} {value:.1f}" for mode, value in returns.items())
-    print(f"done: {step:,} env steps in {format_time(time.time() - start_time)}; final eval: {final}; "
-          f"results in {run_dir}", flush=True)
-    return run_dir
+    print(f"done: {step:,} env steps in {format_time(time.time() - start_time)}; final eval: "
+          f"{format_returns(returns)}; results in {', '.join(map(str, runs.dirs))}", flush=True)
+    return runs.dirs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Seeds as a batch axis: one jitted program over a leading seed axis, laid over every device (and every host)
+# ---------------------------------------------------------------------------------------------------------------------
+def start_distributed():
+    try:
+        jax.distributed.initialize()  # coordinator, process count and id from JAX's environment variables
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--distributed: could not reach a coordinator ({str(e).splitlines()[0][:150]}); set "
+                        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM / "
+                        "Open MPI") from None
+
+
+def seed_mesh(num_seeds: int):
+    """A 1-D device mesh with axis "seed": every device (of every host) gets num_seeds / devices seeds. One seed
+    cannot be split, so it runs on the first device."""
+    devices = jax.devices()
+    if num_seeds == 1:
+        devices = devices[:1]
+    elif num_seeds % len(devices):
+        nearest = max(len(devices), round(num_seeds / len(devices)) * len(devices))
+        raise UserError(f"--num-seeds {num_seeds} is not a multiple of the {len(devices)} devices; the nearest that "
+                        f"is: {nearest}")
+    return jax.sharding.Mesh(np.array(devices), ("seed",))
+
+
+def seed_sharding(mesh):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+
+
+def seed_sharded(mesh, host_array: np.ndarray) -> jax.Array:
+    """A host array with a leading seed axis, laid over the mesh (each process passes the whole array)."""
+    return jax.make_array_from_callback(host_array.shape, seed_sharding(mesh), lambda index: host_array[index])
+
+
+def seeds_on_devices(args: Args, mesh) -> str:
+    per_device = args.num_seeds // mesh.size
+    hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
+    return f"{args.num_seeds} seed{'s' if args.num_seeds > 1 else ''}, {per_device} per device on {mesh.size} " \
+           f"device{'s' if mesh.size > 1 else ''}{hosts}"
+
+
+def over_seeds(fn, mesh, in_axes=0, donate: bool = False):
+    """jit(fn) over a leading seed axis of the arguments whose in_axes is 0 (None: shared by all seeds), sharded over
+    the mesh so that each device runs its own seeds with no communication. A device with several seeds vmaps `fn`;
+    a device with one runs `fn` itself: XLA's batched kernels round differently, so a seed alone on its device is,
+    bit for bit, its solo run."""
+    P = jax.sharding.PartitionSpec
+
+    def local(*xs):  # this device's seeds
+        axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(xs)
+        seeds = {jax.tree.leaves(x)[0].shape[0] for x, a in zip(xs, axes, strict=True) if a == 0}
+        if seeds == {1}:
+            squeezed = [x if a is None else jax.tree.map(lambda y: y[0], x) for x, a in zip(xs, axes, strict=True)]
+            return jax.tree.map(lambda y: y[None], fn(*squeezed))
+        return jax.vmap(fn, in_axes=axes)(*xs)
+
+    in_specs = tuple(P() if a is None else P("seed") for a in in_axes) if isinstance(in_axes, tuple) else P("seed")
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P("seed"), check_vma=False)
+    return jax.jit(sharded, donate_argnums=0 if donate else ())
+
+
+def local_seed_rows(tree) -> dict:
+    """Seed index -> that seed's slice of a seed-sharded pytree, for the seeds whose devices this process holds."""
+    leaves, treedef = jax.tree.flatten(tree)
+    rows = {}
+    for n, leaf in enumerate(leaves):
+        for shard in leaf.addressable_shards:
+            first = shard.index[0].start or 0
+            for j in range(shard.data.shape[0]):
+                rows.setdefault(first + j, [None] * len(leaves))[n] = shard.data[j]
+    return {i: jax.tree.unflatten(treedef, row) for i, row in sorted(rows.items())}
+
+
+def format_returns(returns: dict) -> str:
+    """'pi 91.7, mppi 90.9'; with several seeds 'pi 91.7/85.2, mppi 90.9/88.0' (one value per seed)."""
+    seeds = [r for _, r in sorted(returns.items()) if r]
+    if not seeds:
+        return "-"
+    return ", ".join(f"{mode} " + "/".join(f"{r[mode]:.1f}" for r in seeds) for mode in seeds[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Run folder, checkpoints, eval.csv and formatting
 # ---------------------------------------------------------------------------------------------------------------------
-def prepare_run_dir(args: Args) -> Path:
-    run_dir = Path(args.run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+class SeedRuns:
+    """The run folders of a batch of seeds, one per seed as if it had run alone (args.json with its own seed,
+    eval.csv, TensorBoard events, checkpoints, the glass/ graphs). A process writes only the folders of the seeds its
+    devices hold."""
+
+    def __init__(self, args: Args, mesh, dirs: Optional[list[Path]] = None):
+        self.args = args
+        self.dirs = dirs or new_run_dirs(args)
+        held = seed_sharding(mesh).addressable_devices_indices_map((args.num_seeds,)).values()
+        self.local = sorted({i for index in held for i in range(args.num_seeds)[index[0]]})
+        for i in self.local:
+            prepare_run_dir(self.dirs[i])
+        self.checkpoints = {i: Checkpoints(self.dirs[i], args.keep_checkpoints) for i in self.local}
+        self.writers, self.eval_logs = {}, {}
+
+    def restore(self, carry_shapes):
+        """(stored carries stacked over this process's seeds, loop state, returns per seed) of the newest step
+        that every seed can restore."""
+        step = None
+        while True:
+            restored = {i: c.restore_newest(carry_shapes, at_most=step) for i, c in self.checkpoints.items()}
+            steps = {loop["step"] for _, loop in restored.values()}
+            if len(steps) == 1:
+                break
+            step = min(steps)  # a seed's newest checkpoint was damaged: the whole batch goes back to its step
+        for c in self.checkpoints.values():
+            c.delete_after(step if step is not None else max(steps))
+        stored = jax.tree.map(lambda *rows: np.stack(rows), *[state for state, _ in restored.values()])
+        loop = dict(next(iter(restored.values()))[1])
+        returns = {i: seed_loop.pop("returns") for i, (_, seed_loop) in restored.items()}
+        loop.pop("returns")
+        return stored, loop, returns
+
+    def open(self, resume_step: Optional[int]):
+        from tensorboardX import SummaryWriter
+
+        metadata = run_metadata()
+        arbitration = ["return_arb"] if self.args.arbitration_margin is not None else []
+        columns = ["step", "wall_time", "return_pi", "return_mppi", *arbitration]
+        for i in self.local:
+            config = dataclasses.asdict(dataclasses.replace(self.args, seed=self.args.seed + i))
+            batch = {"seed_index": i, "run_dirs": [d.name for d in self.dirs]}
+            atomic_write(self.dirs[i] / "args.json",
+                         json.dumps({**config, "batch": batch, "metadata": metadata}, indent=2).encode())
+            # Events past the checkpoint (written before an interruption) are hidden: the curves continue without
+            # repeats.
+            writer = SummaryWriter(str(self.dirs[i]), purge_step=None if resume_step is None else resume_step + 1)
+            if resume_step is None:
+                table = "\n".join(f"|{k}|{v}|" for k, v in config.items())
+                writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+            self.writers[i] = writer
+            self.eval_logs[i] = EvalLog(self.dirs[i] / "eval.csv", columns, resume_step)
+            glass_dir = self.dirs[i] / "glass"
+            glass_dir.mkdir(exist_ok=True)
+            if resume_step is not None:  # like eval.csv's rows: graphs of evaluations past the checkpoint are redone
+                for path in glass_dir.glob("P_S_step*.npz"):
+                    if int(path.stem.removeprefix("P_S_step")) > resume_step:
+                        path.unlink()
+
+    def log_eval(self, step: int, wall_time: float, returns: dict):
+        for i in self.local:
+            self.eval_logs[i].write(step, round(wall_time, 2), *returns[i].values())
+            for mode, value in returns[i].items():
+                self.writers[i].add_scalar(f"eval/return_{mode}", value, step)
+
+    def log_glass(self, step: int, report):
+        """Glass at an evaluation (`Trainer.glass_report` over the seeds): each seed's into its own folder."""
+        for i, seed_report in local_seed_rows(report).items():
+            write_glass_report(self.dirs[i], self.writers[i], seed_report, step)
+
+    def log_chunk(self, step: int, per_seed: dict, training: np.ndarray, sps: Optional[float]):
+        """TensorBoard after a chunk: speed, training episodes' return, and each loss averaged over the chunk's
+        training vector steps."""
+        for i, (stats, info) in per_seed.items():
+            writer = self.writers[i]
+            if sps is not None:
+                writer.add_scalar("charts/SPS", sps, step)
+            if episodes := int(stats["episodes"].sum()):
+                writer.add_scalar("charts/episodic_return", float(stats["returns_sum"].sum()) / episodes, step)
+            for name, values in info.items():
+                if training.any():
+                    writer.add_scalar(f"losses/{name}", float(np.mean(values[training])), step)
+
+    def checkpointed_step(self) -> Optional[int]:
+        return self.checkpoints[self.local[0]].latest_step()
+
+    def save(self, step: int, carry, loop: dict, returns: dict) -> str:
+        tick = time.time()
+        sizes = []
+        for i, seed_carry in local_seed_rows(carry).items():
+            self.writers[i].flush()  # every event up to this step is on disk before the checkpoint claims it
+            sizes.append(self.checkpoints[i].save(step, seed_carry, {**loop, "returns": returns[i]}))
+        size = f"{sizes[0] / 1e6:.1f} MB" + (f" x {len(sizes)} seeds" if len(sizes) > 1 else "")
+        return f"checkpoint step {step}: {size}, {time.time() - tick:.2f} s (written in the background)"
+
+    def close(self):
+        for writer in self.writers.values():
+            writer.close()
+        for checkpoints in self.checkpoints.values():
+            checkpoints.close()
+
+
+def new_run_dirs(args: Args) -> list[Path]:
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    if args.run_dir is not None:
+        return [Path(args.run_dir)] if args.num_seeds == 1 else [Path(f"{args.run_dir}__{s}") for s in seeds]
+    stamp = int(time.time())
+    if jax.process_count() > 1:  # every host names the folders alike
+        from jax.experimental import multihost_utils
+
+        stamp = int(multihost_utils.broadcast_one_to_all(np.int64(stamp)))
+    return [Path(f"runs/{args.env_id}__{args.exp_name}__{s}__{stamp}") for s in seeds]
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -1326,45 +1517,41 @@ def run_metadata() -> dict:
 
 class Checkpoints:
     """Full training state at a step: the whole jitted carry (networks, optimiser states, buffer, env states, MPPI
-    warm starts, RNG key, counters) plus the host loop's counters, in {run_dir}/checkpoints/{step}/ with orbax, which
-    writes to a temporary folder and renames it when complete and keeps the newest `keep`. All of Glass's state is
-    in the carry: its prototypes and assign_logits in the world-model params (and optimiser state), its every-k
-    update counter in the agent; the schedule is a function of the env step."""
+    warm starts, RNG key, counters) plus the host loop's counters, in {run_dir}/checkpoints/{step}/ with orbax. Orbax
+    writes in a background thread while training goes on, into a temporary folder that it renames when complete, and
+    keeps the newest `keep`. All of Glass's state is in the carry: its prototypes and assign_logits in the world-model
+    params (and optimiser state), its every-k update counter in the agent; the schedule is a function of the env
+    step."""
 
     def __init__(self, run_dir: Path, keep: int):
         import orbax.checkpoint as ocp  # imported here so that importing this file stays cheap
 
         self.ocp, self.run_dir = ocp, run_dir
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                cleanup_tmp_directories=True)  # what a killed save left behind
         self.manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, carry, loop: dict) -> str:
-        tick = time.time()
-        state = jax.tree.map(to_storable, carry)
+    def save(self, step: int, carry, loop: dict) -> int:
+        """Starts writing one seed's carry; returns its size in bytes."""
+        state = jax.tree.map(to_storable, carry)  # host copies: the next chunk may overwrite the carry's buffers
         args = self.ocp.args
         self.manager.save(step, args=args.Composite(state=args.StandardSave(state), loop=args.JsonSave(loop)))
-        self.manager.wait_until_finished()
-        size = sum(f.stat().st_size for f in (self.run_dir / "checkpoints" / str(step)).rglob("*") if f.is_file())
-        return f"checkpoint step {step}: {size / 1e6:.1f} MB in {time.time() - tick:.2f} s"
+        return sum(x.nbytes for x in jax.tree.leaves(state))
 
-    def restore_newest(self, carry_shapes):
-        """(carry, loop) of the newest checkpoint that reads back whole; a damaged one (a file cut short or
-        corrupted) is moved to checkpoints_damaged/ with a warning and the one before it is tried."""
-        def stored_shape(like):
-            if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
-                return jax.eval_shape(jax.random.key_data, like)
-            return jax.ShapeDtypeStruct((1,), like.dtype) if math.prod(like.shape) == 0 else like
-
-        saved_shapes = jax.tree.map(stored_shape, carry_shapes)
+    def restore_newest(self, carry_shapes, at_most: Optional[int] = None):
+        """(stored carry, loop) of the newest checkpoint at or before `at_most` that reads back whole; a damaged one
+        (a file cut short or corrupted) is moved to checkpoints_damaged/ with a warning and the one before it is
+        tried. `from_storable` turns the stored carry back into a carry."""
         args = self.ocp.args
         for step in sorted(self.manager.all_steps(), reverse=True):
+            if at_most is not None and step > at_most:
+                continue
             try:
                 restored = self.manager.restore(step, args=args.Composite(
-                    state=args.StandardRestore(saved_shapes), loop=args.JsonRestore()))
+                    state=args.StandardRestore(jax.tree.map(stored_shape, carry_shapes)), loop=args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 (whatever a damaged file raises, the previous checkpoint is next)
                 damaged = self.run_dir / "checkpoints_damaged"
                 damaged.mkdir(exist_ok=True)
@@ -1374,12 +1561,16 @@ class Checkpoints:
                 print(f"warning: checkpoint step {step} is damaged ({reason}); moved to {damaged}, trying the "
                       "previous one", flush=True)
                 continue
-            carry = jax.tree.map(from_storable, restored.state, carry_shapes)
-            return carry, restored.loop
+            return jax.tree.map(np.asarray, restored.state), restored.loop
         raise UserError(f"--resume: no usable checkpoint in {self.run_dir / 'checkpoints'}")
 
+    def delete_after(self, step: int):
+        """Drop checkpoints past `step` (another seed of the batch could not go as far), so that they are rewritten."""
+        for later in [s for s in self.manager.all_steps() if s > step]:
+            self.manager.delete(later)
+
     def close(self):
-        self.manager.close()
+        self.manager.close()  # waits for a write in flight
 
 
 def to_storable(x):
@@ -1390,15 +1581,22 @@ def to_storable(x):
     return np.zeros(1, x.dtype) if x.size == 0 else np.array(x)
 
 
+def stored_shape(like):
+    """The shape and dtype `to_storable` gives a carry leaf of shape and dtype `like`."""
+    if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
+        return jax.eval_shape(jax.random.key_data, like)
+    return jax.ShapeDtypeStruct((1,), like.dtype) if math.prod(like.shape) == 0 else like
+
+
 def from_storable(stored, like):
     if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
         return jax.random.wrap_key_data(stored)
     return jnp.zeros(like.shape, like.dtype) if math.prod(like.shape) == 0 else stored
 
 
-def resume_config(cli: Args) -> Args:
-    """The config saved in `cli.resume`'s args.json; of the flags given now, only those that cannot change the
-    algorithm may differ (the total, the checkpoint flags)."""
+def resume_config(cli: Args) -> tuple[Args, list[Path]]:
+    """The config saved in `cli.resume`'s args.json and the run folders of its batch of seeds (any seed's folder
+    restarts the whole batch). Of the flags given now, only those that cannot change the algorithm may differ."""
     run_dir = Path(cli.resume)
     script = Path(__file__).name
     if not (run_dir / "args.json").is_file():
@@ -1406,12 +1604,18 @@ def resume_config(cli: Args) -> Args:
         raise UserError(f"--resume {run_dir}: {what} (expected a run folder of {script})")
     saved = json.loads((run_dir / "args.json").read_text())
     known = {f.name for f in dataclasses.fields(Args)}
-    if saved.get("metadata", {}).get("script", script) != script or not set(saved) - {"metadata"} <= known:
+    if saved.get("metadata", {}).get("script", script) != script or not set(saved) - {"metadata", "batch"} <= known:
         raise UserError(f"--resume {run_dir}: that folder is a run of another script, not of {script}")
-    if not any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")):
-        raise UserError(f"--resume {run_dir}: no checkpoint there (was it run with --checkpoint-every 0?)")
+    batch = saved.get("batch", {"seed_index": 0, "run_dirs": [run_dir.name]})
+    dirs = [run_dir.parent / name for name in batch["run_dirs"]]  # siblings: the batch may have been moved
+    dirs[batch["seed_index"]] = run_dir  # or this folder renamed
+    for folder in dirs:
+        if not any(p.name.isdigit() for p in (folder / "checkpoints").glob("*")):
+            raise UserError(f"--resume {run_dir}: no checkpoint in {folder} (was it run with --checkpoint-every 0?)")
     config = Args(**{k: v for k, v in saved.items() if k in known})
-    may_change = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "save_model", "dry_run"}
+    config = dataclasses.replace(config, seed=config.seed - batch["seed_index"])  # the batch's first seed
+    may_change = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "save_model", "dry_run",
+                  "distributed"}
     default = Args()
     for name in known - may_change:
         given, before = getattr(cli, name), getattr(config, name)
@@ -1419,7 +1623,7 @@ def resume_config(cli: Args) -> Args:
             raise UserError(f"--resume: --{name.replace('_', '-')} {given} differs from the run's {before}; only "
                             "--total-steps and the checkpoint flags may change when resuming")
     changed = {k: getattr(cli, k) for k in may_change if getattr(cli, k) != getattr(default, k)}
-    return dataclasses.replace(config, **changed, run_dir=str(run_dir))
+    return dataclasses.replace(config, **changed), dirs
 
 
 class Preempted(Exception):

@@ -1,6 +1,6 @@
 """tdmpc_glass_jax.py: Glass math against hand-computed graphs, the schedule, parity with tdmpc2_jax.py (Glass off:
-the same run; Glass on with stopgrad: the same agent), the extras, a short run's diagnostics, bad input and learning on
-CartpoleBalance. The worked values are those of docs/glass.md.
+the same run; Glass on with stopgrad: the same agent), the extras, a short run's diagnostics, resume, a batch of seeds,
+bad input and learning on CartpoleBalance. The worked values are those of docs/glass.md.
 """
 
 import dataclasses
@@ -15,6 +15,7 @@ import pytest
 from conftest import (
     DMC_ENV,
     TINY_TDMPC2,
+    TWO_DEVICES,
     assert_resume_is_exact,
     learning_run,
     read_eval,
@@ -452,6 +453,33 @@ def test_resume_refuses_a_tdmpc2_run(tdmpc2_tiny_run, tmp_path):
     (tmp_path / "args.json").write_text(json.dumps(saved))
     with pytest.raises(G.UserError, match="a run of another script, not of tdmpc_glass_jax.py"):
         G.resume_config(G.Args(resume=str(tmp_path)))
+
+
+# --- seeds as a batch axis ---
+def test_seed_batch_on_two_devices(tmp_path):
+    """--num-seeds 2 over two devices. Glass off: every seed's eval.csv is that of tdmpc2_jax.py --num-seeds 2. Glass
+    on: each seed's folder gets its own graphs, which give the glass/ scalars in its own TensorBoard events."""
+    flags = [*TINY_TDMPC2, "--num-seeds", "2"]
+    run_script("tdmpc2_jax.py", *flags, "--run-dir", str(tmp_path / "tdmpc2"), env=TWO_DEVICES)
+    run_script("tdmpc_glass_jax.py", *flags, "--glass-off-step", "0", "--run-dir", str(tmp_path / "off"),
+               env=TWO_DEVICES)
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
+    for seed in (1, 2):
+        assert strip(read_eval(tmp_path / f"off__{seed}")) == strip(read_eval(tmp_path / f"tdmpc2__{seed}"))
+    on = run_script("tdmpc_glass_jax.py", *flags, "--glass-warmup-steps", "200", "--run-dir", str(tmp_path / "on"),
+                    env=TWO_DEVICES).stdout
+    assert "2 seeds, 1 per device on 2 devices" in on
+    cut_mass = {}
+    for seed in (1, 2):
+        run_dir = tmp_path / f"on__{seed}"
+        assert json.loads((run_dir / "args.json").read_text())["seed"] == seed
+        assert sorted(p.name for p in (run_dir / "glass").iterdir()) == ["P_S_step400.npz", "P_S_step800.npz"]
+        scalars = read_tb_scalars(run_dir)
+        assert dict(scalars["losses/glass_loss"])[800] > 0
+        with np.load(run_dir / "glass" / "P_S_step800.npz") as f:
+            cut_mass[seed] = float(G.glass_diagnostics(f["S"], f["P"])["cut_mass"])
+        assert cut_mass[seed] == pytest.approx(dict(scalars["glass/cut_mass"])[800], rel=1e-5)
+    assert cut_mass[1] != cut_mass[2]
 
 
 @pytest.mark.slow
