@@ -63,7 +63,7 @@ def main():
         checkpoints = T.Checkpoints(folder, keep=2)
         for i in range(cli.repeats):
             tick = time.perf_counter()
-            line = checkpoints.save(i + 1, carry, {"step": i + 1})
+            size = checkpoints.save(i + 1, carry, {"step": i + 1})
             blocking.append(time.perf_counter() - tick)  # what training waits for; the rest runs in the background
             checkpoints.manager.wait_until_finished()
             writes.append(time.perf_counter() - tick)
@@ -77,7 +77,7 @@ def main():
     finally:
         shutil.rmtree(folder)
     interval = args.eval_freq / cli.env_steps_per_s
-    print(line.split(", ")[0])
+    print(f"checkpoint: {size / 1e6:.1f} MB")
     for name, times in [("training waits", blocking), ("whole write", writes), ("read", reads)]:
         print(f"{name}: median {np.median(times):.2f} s, min {min(times):.2f} s")
     print(f"one checkpoint per evaluation ({args.eval_freq:,} env steps = {interval:.0f} s at "

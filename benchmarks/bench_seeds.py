@@ -2,6 +2,7 @@
 
     python benchmarks/bench_seeds.py                  # 4 seeds of the tiny CartpoleBalance config, 3 rounds
     python benchmarks/bench_seeds.py --seeds 4 --rounds 1 --total-steps 4000
+    python benchmarks/bench_seeds.py --memory       # XLA's memory accounting of the default HopperHop chunk per seed
 
 Each round runs, in turn, `tdmpc2_jax.py --num-seeds N` once and `tdmpc2_jax.py --seed s` for the N seeds one after
 the other, as users run them, each process with an empty compilation cache (so compile time is included, as on a
@@ -61,12 +62,40 @@ def compile_seconds(num_seeds: int) -> float:
     return time.perf_counter() - tick
 
 
+def memory_per_seed(env_id: str, seeds: tuple[int, ...] = (1, 2)) -> None:
+    """XLA's own accounting of the default config's training chunk (one vector step) compiled for 1 and 2 seeds:
+    the carry (arguments: parameters, optimiser states, buffer, env states) and the temporary buffers (activations of
+    the 256 updates and of MPPI for 256 envs), and what one more seed adds."""
+    import jax
+
+    import tdmpc2_jax as T
+
+    venv = T.VectorEnv(T.load_env(env_id, "jax"), action_repeat=2)
+    args = T.resolve_args(T.Args(env_id=env_id, impl="jax"), venv)
+    trainer = T.Trainer(args, venv)
+    sizes = {}
+    for n in seeds:
+        carry = jax.eval_shape(jax.vmap(trainer.init), jax.random.split(jax.random.key(0), n))
+        chunk = T.over_seeds(partial(trainer.chunk, num_vector_steps=1), T.seed_mesh(n), donate=True)
+        memory = chunk.lower(carry).compile().memory_analysis()
+        sizes[n] = (memory.argument_size_in_bytes, memory.temp_size_in_bytes)
+        carry_gb, temp_gb = sizes[n][0] / 1e9, sizes[n][1] / 1e9
+        print(f"{env_id} defaults, {n} seed(s): carry {carry_gb:.2f} GB, temporaries {temp_gb:.2f} GB", flush=True)
+    a, b = seeds
+    per_seed = [(sizes[b][k] - sizes[a][k]) / (b - a) for k in (0, 1)]
+    print(f"one more seed adds: carry {per_seed[0] / 1e9:.2f} GB, temporaries {per_seed[1] / 1e9:.2f} GB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--total-steps", type=int, default=2000)
+    parser.add_argument("--memory", action="store_true", help="only XLA's memory accounting of the default config")
+    parser.add_argument("--env-id", default="HopperHop", help="env of --memory")
     cli = parser.parse_args()
+    if cli.memory:
+        return memory_per_seed(cli.env_id)
     flags = [*TINY, "--total-steps", str(cli.total_steps), "--eval-freq", str(cli.total_steps)]
     batch, solo = [], []
     print(f"tdmpc2_jax.py, tiny CartpoleBalance config, {cli.total_steps:,} env steps per seed, {cli.seeds} seeds; "

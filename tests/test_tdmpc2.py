@@ -514,3 +514,33 @@ def test_seed_batch_on_two_devices_writes_solo_folders_and_resumes(tmp_path):
     proc = run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--num-seeds", "3", check=False, env=TWO_DEVICES)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --num-seeds 3 is not a multiple of the 2 devices; the nearest that is: 4")
+
+
+# --- videos ---
+def test_capture_video_writes_decodable_mp4s_and_changes_no_number(tdmpc2_tiny_run, tmp_path):
+    import imageio_ffmpeg
+
+    run_dir = tmp_path / "video"
+    run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--seed", "1", "--exp-name", "tiny", "--run-dir", str(run_dir),
+               "--capture-video", "--video-every", "2", "--video-height", "48", "--video-width", "64")
+    # Evaluations at 0, 400 and 800 env steps; every second one (0 and 800) is recorded, in both modes.
+    assert sorted(p.name for p in (run_dir / "videos").iterdir()) == [
+        "mppi_step0.mp4", "mppi_step800.mp4", "pi_step0.mp4", "pi_step800.mp4"]
+    frames = imageio_ffmpeg.read_frames(str(run_dir / "videos" / "mppi_step800.mp4"))
+    meta = next(frames)
+    assert meta["size"] == (64, 48) and meta["fps"] == 50  # CartpoleBalance: 0.01 s control step x action repeat 2
+    assert sum(1 for _ in frames) == 51  # the initial state and one frame per agent step of the 50-step episode
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
+    assert strip(read_eval(run_dir)) == strip(read_eval(tdmpc2_tiny_run))  # recording changes no number
+
+
+def test_evaluation_without_video_returns_only_the_returns():
+    """Without --capture-video the evaluation program has the same outputs as before videos existed: two returns."""
+    venv = T.VectorEnv(T.load_env("CartpoleBalance", "jax", episode_length=100), action_repeat=2)
+    args = T.resolve_args(T.Args(env_id="CartpoleBalance", num_envs=2, k_update=2, seed_steps=80, **TINY_NETS), venv)
+    trainer = T.Trainer(args, venv)
+    agent = jax.eval_shape(trainer.init, jax.random.key(0)).agent
+    plain = jax.eval_shape(trainer.evaluate, agent, jax.random.key(1))
+    assert [(x.shape, x.dtype) for x in plain] == [((), jnp.float32), ((), jnp.float32)]
+    _, poses = jax.eval_shape(partial(trainer.evaluate, record=True), agent, jax.random.key(1))
+    assert poses["qpos"].shape == (51, 2, 2) and poses["alive"].shape == (51, 2)
