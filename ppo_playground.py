@@ -6,12 +6,14 @@ The algorithm follows `brax/training/agents/ppo/{train,losses,networks}.py` (Bra
 running observation normaliser, reward scaling, GAE with truncation masking recomputed per minibatch, clipped
 surrogate, one Adam. By default a run has exactly the iterations and evaluation points of Brax's `ppo.train` for the
 same config. One whole PPO iteration (rollout + epochs x minibatches) is one jitted function of `lax.scan`s, and
-`--num-seeds N` vmaps N independent seeds in one process (one run folder per seed).
+`--num-seeds N` trains N independent seeds as one batch, laid over every device (and with --distributed every
+host), one run folder per seed.
 
 Formulas, implementation details with their Brax sources, logged metrics and measured speed: docs/ppo.md.
 
     python ppo_playground.py --env-id CartpoleBalance
     python ppo_playground.py --env-id PendulumSwingup --num-seeds 4 --impl jax
+    python ppo_playground.py --env-id CartpoleBalance --num-seeds 8 --distributed   # on each of several hosts
     python ppo_playground.py --env-id AcrobotSwingup --dry-run     # print the resolved config, run nothing
     python ppo_playground.py --resume runs/CartpoleBalance__ppo_playground__1__1764590000   # continue a run
 """
@@ -21,6 +23,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,7 +50,10 @@ class Args:
     seed: int = 1
     """seed of the first run; run i of `--num-seeds` uses seed + i"""
     num_seeds: int = 1
-    """number of independent seeds trained together (vmapped) in one process"""
+    """seeds seed, seed+1, ... trained together in one jitted program, laid over every device; one run folder each"""
+    distributed: bool = False
+    """several hosts: call jax.distributed.initialize() (coordinator from JAX's environment variables); each process
+    trains and writes its share of the seeds"""
     env_id: str = "CartpoleBalance"
     """DM Control suite environment of MuJoCo Playground"""
     impl: Optional[Literal["jax", "warp"]] = None
@@ -626,11 +632,14 @@ LOSS_NAMES = ("total_loss", "policy_loss", "v_loss", "entropy_loss", "entropy", 
 
 
 def train(args: Args) -> list[Path]:
-    """Train args.num_seeds seeds (vmapped) and write one run folder per seed; returns the folders.
+    """Train args.num_seeds seeds as one batch laid over every device, and write one run folder per seed (with
+    several processes, each writes its own seeds' folders); returns the folders of the whole batch.
 
     With --resume, continue the batch of the given run folder from its newest checkpoint, in the same folders. With
     --dry-run, print the resolved config of the first run (its args.json without the metadata) as one JSON object
     and return []."""
+    if args.distributed:
+        start_distributed()  # before anything asks JAX for its devices
     resumed = args.resume is not None
     if resumed:
         args, dirs = resume_config(args)
@@ -640,68 +649,74 @@ def train(args: Args) -> list[Path]:
         if used := [str(d) for d in dirs if (d / "checkpoints").exists()]:
             raise UserError(f"{used[0]} already holds a run's checkpoints; continue it with --resume, or choose "
                             "another --run-dir")
-    configs = [run_config(args, i) for i in range(args.num_seeds)]
     if args.dry_run:
-        print(json.dumps(configs[0], indent=2))
+        print(json.dumps(run_config(args, 0), indent=2))
         return []
+    mesh = seed_mesh(args.num_seeds)
+    local = local_seeds(args.num_seeds, mesh)  # the seeds whose devices this process holds: the folders it writes
 
     from tensorboardX import SummaryWriter  # imported here: importing this file stays cheap
 
     start = time.time()
     if resumed:  # before anything is written: a refused resume leaves the folders as they were
-        resume_step, carry, loop = restore_batch(env, args, dirs)
+        resume_step, stored, loop = restore_batch(env, args, [dirs[i] for i in local])
         if resume_step > args.total_steps_resolved:
             raise UserError(f"--resume: the run is at step {resume_step}, past --total-steps {args.total_steps} "
                             f"({args.total_steps_resolved} with rounding)")
+        carry = jax.tree.map(functools.partial(jax.make_array_from_process_local_data, seed_sharding(mesh)), stored)
+        # Through the sharded program, so that its arrays are laid out as the training programs' outputs are (JAX
+        # replicates zero-size ones), and the iteration compiled for them accepts what it returns.
+        carry = over_seeds(lambda c: c, mesh)(carry)
         print(f"resumed from step {resume_step}", flush=True)
     else:
         resume_step, loop = 0, dict(iteration=0, train_time=0.0, wall_time=0.0)
-        keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
-        carry = jax.jit(jax.vmap(functools.partial(init_carry, env, args)))(keys)
+        keys = seed_sharded(mesh, np.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]))
+        carry = over_seeds(functools.partial(init_carry, env, args), mesh)(keys)
     print(f"{args.env_id}: {args.num_iterations} iterations x {args.steps_per_iteration:,} env steps = "
           f"{args.total_steps_resolved:,} env steps (requested {args.total_steps:,}; --step-rounding "
           f"{args.step_rounding}); {len(args.eval_steps)} evaluations; hard reset every "
-          f"{args.iterations_per_epoch} iteration(s)" + ("" if args.num_resets_per_eval > 0 else " disabled"),
-          flush=True)
+          f"{args.iterations_per_epoch} iteration(s)" + ("" if args.num_resets_per_eval > 0 else " disabled") +
+          f"; {seeds_on_devices(args, mesh)}", flush=True)
 
-    writers, csv_files, meta = [], [], run_metadata()
-    for run_dir, config in zip(dirs, configs, strict=True):
+    writers, csv_files, meta = {}, {}, run_metadata()
+    for i in local:
+        run_dir, config = dirs[i], run_config(args, i)
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {**config, "batch_run_dirs": [d.name for d in dirs], "metadata": meta}
         atomic_write(run_dir / "args.json", json.dumps(record, indent=2).encode())
         # TensorBoard drops the events after the checkpoint step, which the resumed run writes again.
-        writer = SummaryWriter(str(run_dir), purge_step=resume_step + 1 if resumed else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        writers[i] = SummaryWriter(str(run_dir), purge_step=resume_step + 1 if resumed else None)
+        writers[i].add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in config.items()))
-        writers.append(writer)
         if resumed:
             drop_eval_rows_after(run_dir / "eval.csv", resume_step)
-            csv = open(run_dir / "eval.csv", "a")  # kept open for the run, flushed per row
+            csv_files[i] = open(run_dir / "eval.csv", "a")  # kept open for the run, flushed per row
         else:
-            csv = open(run_dir / "eval.csv", "w")
-            csv.write("step,wall_time,return,return_deterministic\n")
-            csv.flush()
-        csv_files.append(csv)
-    managers = checkpoint_managers(args, dirs)
+            csv_files[i] = open(run_dir / "eval.csv", "w")
+            csv_files[i].write("step,wall_time,return,return_deterministic\n")
+            csv_files[i].flush()
+    managers = dict(zip(local, checkpoint_managers(args, [dirs[i] for i in local]), strict=True))
     stop, old_handlers = stop_on_signals()  # from here on a signal ends the run with a checkpoint
 
-    reset_fn = jax.jit(jax.vmap(functools.partial(reset_training_envs, env, args)))
+    reset_fn = over_seeds(functools.partial(reset_training_envs, env, args), mesh)
     ts = carry.pop("ts")  # carry keeps the two keys
-    iteration_fn = jax.jit(jax.vmap(functools.partial(training_iteration, env, args)), donate_argnums=0)
+    iteration_fn = over_seeds(functools.partial(training_iteration, env, args), mesh, donate=True)
     iteration_fn = iteration_fn.lower(ts).compile()
-    eval_fn = jax.jit(jax.vmap(functools.partial(evaluate, env, args)))
+    # The evaluation key depends only on the iteration: evaluations are the same however often the run was resumed.
+    eval_fn = over_seeds(lambda params, normalizer, key, iteration: evaluate(
+        env, args, params, normalizer, jax.random.fold_in(key, iteration)), mesh, in_axes=(0, 0, 0, None))
     print(f"compiled the training iteration in {time.time() - start:.1f} s", flush=True)
     wall_start = time.time() - loop["wall_time"]  # eval.csv's wall_time continues across resumes
 
     def run_eval(step: int, iteration: int) -> None:
-        eval_keys = jax.vmap(jax.random.fold_in, (0, None))(carry["k_eval"], iteration)
-        ret, ret_det = jax.device_get(eval_fn(ts.params, ts.normalizer, eval_keys))
+        returns = local_seed_rows(eval_fn(ts.params, ts.normalizer, carry["k_eval"], iteration))
         wall = time.time() - wall_start
-        for i, writer in enumerate(writers):
-            csv_files[i].write(f"{step},{wall:.3f},{ret[i]:.6f},{ret_det[i]:.6f}\n")
+        for i, (ret, ret_det) in returns.items():
+            csv_files[i].write(f"{step},{wall:.3f},{ret:.6f},{ret_det:.6f}\n")
             csv_files[i].flush()
-            writer.add_scalar("eval/return", float(ret[i]), step)
-            writer.add_scalar("eval/return_deterministic", float(ret_det[i]), step)
+            writers[i].add_scalar("eval/return", float(ret), step)
+            writers[i].add_scalar("eval/return_deterministic", float(ret_det), step)
+        ret, ret_det = (np.array([r[k] for r in returns.values()]) for k in (0, 1))
         print(f"eval step={step:,} return={np.array2string(ret, precision=1)} "
               f"deterministic={np.array2string(ret_det, precision=1)}", flush=True)
 
@@ -712,19 +727,19 @@ def train(args: Args) -> list[Path]:
     for iteration in range(first, args.num_iterations + 1):
         t0 = time.time()
         ts, metrics = iteration_fn(ts)
-        metrics = jax.device_get(metrics)
+        metrics = local_seed_rows(metrics)  # waits for the iteration
         train_time += time.time() - t0
         if args.num_resets_per_eval > 0 and iteration % args.iterations_per_epoch == 0:
             env_state, carry["k_env"] = reset_fn(carry["k_env"])
             ts = ts.replace(env_state=env_state)
         step = iteration * args.steps_per_iteration
         sps = step / max(train_time, 1e-9)  # per seed, compile excluded (compiled ahead of time)
-        for i, writer in enumerate(writers):
-            writer.add_scalar("charts/SPS", sps, step)
+        for i, seed_metrics in metrics.items():
+            writers[i].add_scalar("charts/SPS", sps, step)
             for name in LOSS_NAMES:
-                writer.add_scalar(f"losses/{name}", float(metrics[name][i]), step)
-            if metrics["episodes"][i] > 0:
-                writer.add_scalar("charts/episodic_return", float(metrics["episodic_return"][i]), step)
+                writers[i].add_scalar(f"losses/{name}", float(seed_metrics[name]), step)
+            if seed_metrics["episodes"] > 0:
+                writers[i].add_scalar("charts/episodic_return", float(seed_metrics["episodic_return"]), step)
         evaluated = step in args.eval_steps
         if evaluated:
             run_eval(step, iteration)
@@ -732,29 +747,111 @@ def train(args: Args) -> list[Path]:
         if evaluated or now - last_print > 5.0:
             last_print = now
             eta = (time.time() - loop_start) / (iteration - first + 1) * (args.num_iterations - iteration)
+            v_loss = np.mean([m["v_loss"] for m in metrics.values()])
             print(f"step {step:,}/{args.total_steps_resolved:,} | SPS {sps:,.0f} per seed "
-                  f"({sps * args.num_seeds:,.0f} total) | v_loss {np.mean(metrics['v_loss']):.3f} | ETA {eta:.0f} s",
-                  flush=True)
+                  f"({sps * args.num_seeds:,.0f} total) | v_loss {v_loss:.3f} | ETA {eta:.0f} s", flush=True)
         if checkpoint_due(args, step) or stop:
-            for writer in writers:  # every event up to this step is on disk before the checkpoint says it happened
+            for writer in writers.values():  # every event up to this step is on disk before the checkpoint says so
                 writer.flush()
             loop = dict(iteration=iteration, train_time=train_time, wall_time=time.time() - wall_start)
             save_checkpoint(managers, step, dict(carry, ts=ts), loop)
         if stop and iteration < args.num_iterations:  # (a signal during the last iteration lets the run end)
-            print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {dirs[0]}", flush=True)
+            print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {dirs[local[0]]}",
+                  flush=True)
             stopped = True
             break
 
     for sig, handler in old_handlers.items():
         signal.signal(sig, handler)
-    for writer, csv in zip(writers, csv_files, strict=True):
-        writer.close()
-        csv.close()
+    for i in local:
+        writers[i].close()
+        csv_files[i].close()
     if stopped and stop == [signal.SIGINT]:
         sys.exit(128 + signal.SIGINT)
     if not stopped:
-        print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(d) for d in dirs)}")
+        print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(dirs[i]) for i in local)}")
     return dirs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeds as a batch axis: one jitted program over a leading seed axis, laid over every device (and every host)
+# ---------------------------------------------------------------------------------------------------------------
+def start_distributed():
+    try:
+        jax.distributed.initialize()  # coordinator, process count and id from JAX's environment variables
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--distributed: could not reach a coordinator ({str(e).splitlines()[0][:150]}); set "
+                        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM / "
+                        "Open MPI") from None
+
+
+def seed_mesh(num_seeds: int):
+    """A 1-D device mesh with axis "seed": every device (of every host) gets num_seeds / devices seeds. One seed
+    cannot be split, so it runs on the first device."""
+    devices = jax.devices()
+    if num_seeds == 1:
+        devices = devices[:1]
+    elif num_seeds % len(devices):
+        nearest = max(len(devices), round(num_seeds / len(devices)) * len(devices))
+        raise UserError(f"--num-seeds {num_seeds} is not a multiple of the {len(devices)} devices; the nearest that "
+                        f"is: {nearest}")
+    return jax.sharding.Mesh(np.array(devices), ("seed",))
+
+
+def seed_sharding(mesh):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+
+
+def seed_sharded(mesh, host_array: np.ndarray) -> jax.Array:
+    """A host array with a leading seed axis, laid over the mesh (each process passes the whole array)."""
+    return jax.make_array_from_callback(host_array.shape, seed_sharding(mesh), lambda index: host_array[index])
+
+
+def local_seeds(num_seeds: int, mesh) -> list[int]:
+    """Indices of the seeds that this process's devices hold."""
+    held = seed_sharding(mesh).addressable_devices_indices_map((num_seeds,)).values()
+    return sorted({i for index in held for i in range(num_seeds)[index[0]]})
+
+
+def seeds_on_devices(args: Args, mesh) -> str:
+    per_device = args.num_seeds // mesh.size
+    hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
+    return f"{args.num_seeds} seed{'s' if args.num_seeds > 1 else ''}, {per_device} per device on {mesh.size} " \
+           f"device{'s' if mesh.size > 1 else ''}{hosts}"
+
+
+def over_seeds(fn, mesh, in_axes=0, donate: bool = False):
+    """jit(fn) over a leading seed axis of the arguments whose in_axes is 0 (None: shared by all seeds), sharded over
+    the mesh so that each device runs its own seeds with no communication. A device with several seeds vmaps `fn`;
+    a device with one runs `fn` itself (XLA's batched kernels round differently, so a seed alone on its device is,
+    bit for bit, its solo run)."""
+    P = jax.sharding.PartitionSpec
+
+    def local(*xs):  # this device's seeds
+        axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(xs)
+        seeds = {jax.tree.leaves(x)[0].shape[0] for x, a in zip(xs, axes, strict=True) if a == 0}
+        if seeds == {1}:
+            squeezed = [x if a is None else jax.tree.map(lambda y: y[0], x) for x, a in zip(xs, axes, strict=True)]
+            return jax.tree.map(lambda y: y[None], fn(*squeezed))
+        return jax.vmap(fn, in_axes=axes)(*xs)
+
+    in_specs = tuple(P() if a is None else P("seed") for a in in_axes) if isinstance(in_axes, tuple) else P("seed")
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P("seed"), check_vma=False)
+    return jax.jit(sharded, donate_argnums=0 if donate else ())
+
+
+def local_seed_rows(tree) -> dict:
+    """Seed index -> that seed's slice of a seed-sharded pytree, copied to host memory (numpy), for the seeds whose
+    devices this process holds."""
+    leaves, treedef = jax.tree.flatten(tree)
+    rows = {}
+    for n, leaf in enumerate(leaves):
+        for shard in leaf.addressable_shards:
+            first, data = shard.index[0].start or 0, np.array(shard.data)  # a copy: the buffer may be donated
+            for j in range(data.shape[0]):
+                rows.setdefault(first + j, [None] * len(leaves))[n] = data[j]
+    # JAX replicates zero-size arrays over the devices: those give rows of every seed, which only they fill.
+    return {i: jax.tree.unflatten(treedef, row) for i, row in sorted(rows.items()) if not any(x is None for x in row)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -764,7 +861,7 @@ def run_config(args: Args, seed_index: int) -> dict:
     """The resolved config of run `seed_index` (its seed is seed + seed_index): its args.json without the metadata,
     and for run 0 what --dry-run prints."""
     config = dataclasses.asdict(args)
-    del config["dry_run"], config["resume"]  # how the run is started, not part of its config
+    del config["dry_run"], config["resume"], config["distributed"]  # how the run is started, not its config
     return config | dict(seed=args.seed + seed_index, seed_index=seed_index)
 
 
@@ -792,11 +889,16 @@ def run_dirs(args: Args) -> list[Path]:
             return [Path(args.run_dir)]
         return [Path(f"{args.run_dir}__{s}") for s in seeds]
     stamp = int(time.time())
+    if jax.process_count() > 1:  # every host names the folders alike
+        from jax.experimental import multihost_utils
+
+        stamp = int(multihost_utils.broadcast_one_to_all(np.int64(stamp)))
     return [Path("runs") / f"{args.env_id}__{args.exp_name}__{s}__{stamp}" for s in seeds]
 
 
 # Flags that may differ from the run's args.json when resuming; every other one would change the run.
-RESUME_FLAGS = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "save_model", "dry_run"}
+RESUME_FLAGS = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "save_model", "dry_run",
+                "distributed"}
 
 
 def resume_config(cli: Args) -> tuple[Args, list[Path]]:
@@ -825,7 +927,7 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     args.seed -= seed_index  # the batch's first seed
     args.save_model |= cli.save_model
-    args.dry_run = cli.dry_run
+    args.dry_run, args.distributed = cli.dry_run, cli.distributed
     if cli.checkpoint_every is not None:
         args.checkpoint_every = cli.checkpoint_every
     if cli.keep_checkpoints != defaults.keep_checkpoints:
@@ -869,23 +971,27 @@ def checkpoint_managers(args: Args, dirs: list[Path]) -> list:
     return [ocp.CheckpointManager((d / "checkpoints").absolute(), options=options) for d in dirs]
 
 
-def save_checkpoint(managers: list, step: int, carry: dict, loop: dict) -> None:
-    """Seed i's slice of the vmapped carry goes to folder i (each folder is self-contained), with the loop state."""
+def save_checkpoint(managers: dict, step: int, carry: dict, loop: dict) -> None:
+    """Seed i's slice of the seed-sharded carry goes to folder i (each folder is self-contained), with the loop
+    state; `managers` holds the folders of this process's seeds, by seed index."""
     import orbax.checkpoint as ocp
 
     t0 = time.time()
-    host = jax.tree.map(np.array, carry)  # a copy: the device carry is donated to the next iteration
-    for i, manager in enumerate(managers):
-        state = without_empty_arrays(jax.tree.map(lambda x, i=i: x[i], host))
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)))
-    size = sum(f.stat().st_size for m in managers for f in (Path(m.directory) / str(step)).rglob("*") if f.is_file())
+    for i, seed_carry in local_seed_rows(carry).items():  # host copies: the device carry is donated next iteration
+        state = without_empty_arrays(seed_carry)
+        managers[i].save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       loop=ocp.args.JsonSave(loop)))
+    size = sum(f.stat().st_size for m in managers.values() for f in (Path(m.directory) / str(step)).rglob("*")
+               if f.is_file())
     print(f"checkpoint step {step}: {size / 1e6:.1f} MB in {time.time() - t0:.2f} s", flush=True)
 
 
 def restore_batch(env, args: Args, dirs: list[Path]) -> tuple[int, dict, dict]:
-    """(step, carry stacked over seeds, loop state) of the newest checkpoint step that every folder of the batch
-    restores. Newer steps that fail in any folder (truncated, corrupt, missing) are moved to checkpoints_damaged/ in
-    all of them, with one warning line each."""
+    """(step, numpy carry stacked over the seeds of `dirs`, loop state) of the newest checkpoint step that every
+    folder of the batch restores (`dirs`: this process's folders; with several processes, the oldest of their
+    steps). Newer steps that fail in any folder (truncated, corrupt, missing) are moved to checkpoints_damaged/ in
+    all of them, with one warning line each; with several processes, steps newer than another process's are
+    deleted."""
     import orbax.checkpoint as ocp
 
     # The restore target is the structure the init function builds (PRNG keys here are raw uint32 arrays).
@@ -893,6 +999,33 @@ def restore_batch(env, args: Args, dirs: list[Path]) -> tuple[int, dict, dict]:
     restore_args = ocp.args.Composite(state=ocp.args.StandardRestore(without_empty_arrays(target)),
                                       loop=ocp.args.JsonRestore())
     steps = sorted({int(p.name) for d in dirs for p in (d / "checkpoints").glob("*") if p.name.isdigit()})
+    step, restored = restorable_step(dirs, steps, restore_args)
+    if jax.process_count() > 1:  # every process must continue from one step
+        from jax.experimental import multihost_utils
+
+        oldest = int(np.min(multihost_utils.process_allgather(np.int64(step))))
+        if oldest < step:
+            restored = [ocp.CheckpointManager((d / "checkpoints").absolute()).restore(oldest, args=restore_args)
+                        for d in dirs]
+            for later in [s for s in steps if oldest < s]:
+                for d in dirs:
+                    shutil.rmtree(d / "checkpoints" / str(later), ignore_errors=True)
+            step = oldest
+    states = [jax.tree.map(lambda t, x: np.zeros(t.shape, t.dtype) if x is None else x, target, r.state)
+              for r in restored]
+    # Orbax checks the tree structure but returns arrays in their saved shapes (and casts dtypes): check the shapes.
+    for (path, t), x in zip(jax.tree_util.tree_leaves_with_path(target), jax.tree.leaves(states[0]), strict=True):
+        if t.shape != x.shape:
+            raise UserError(f"--resume: checkpoint step {step} does not fit the run's config: "
+                            f"{jax.tree_util.keystr(path)} has shape {x.shape}, the config gives {t.shape}")
+    return step, jax.tree.map(lambda *xs: np.stack(xs), *states), restored[0].loop
+
+
+def restorable_step(dirs: list[Path], steps: list[int], restore_args) -> tuple[int, list]:
+    """(step, what each folder restored) of the newest of `steps` that every folder restores; the newer ones are
+    moved aside as damaged."""
+    import orbax.checkpoint as ocp
+
     failed = []
     for step in reversed(steps):
         try:
@@ -911,14 +1044,7 @@ def restore_batch(env, args: Args, dirs: list[Path]) -> tuple[int, dict, dict]:
             if (d / "checkpoints" / str(bad)).exists():
                 (d / "checkpoints_damaged").mkdir(exist_ok=True)
                 os.replace(d / "checkpoints" / str(bad), d / "checkpoints_damaged" / str(bad))
-    states = [jax.tree.map(lambda t, x: np.zeros(t.shape, t.dtype) if x is None else x, target, r.state)
-              for r in restored]
-    # Orbax checks the tree structure but returns arrays in their saved shapes (and casts dtypes): check the shapes.
-    for (path, t), x in zip(jax.tree_util.tree_leaves_with_path(target), jax.tree.leaves(states[0]), strict=True):
-        if t.shape != x.shape:
-            raise UserError(f"--resume: checkpoint step {step} does not fit the run's config: "
-                            f"{jax.tree_util.keystr(path)} has shape {x.shape}, the config gives {t.shape}")
-    return step, jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *states), restored[0].loop
+    return step, restored
 
 
 def without_empty_arrays(tree):

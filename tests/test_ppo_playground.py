@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, read_eval, read_tb_scalars, run_script
+from conftest import REPO, TWO_DEVICES, read_eval, read_tb_scalars, run_script
 from scipy import stats
 
 import ppo_playground as P
@@ -598,6 +598,56 @@ def test_resume_refusals_are_one_line_and_write_nothing(tiny_runs, tmp_path):
                                                 "--total-steps, --checkpoint-every, --keep-checkpoints may change "
                                                 "when resuming"]
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeds over devices
+# ---------------------------------------------------------------------------------------------------------------
+@same_worker
+def test_two_devices_reproduce_the_one_device_batch_up_to_rounding(tiny_runs, tmp_path):
+    """The tiny batch with one seed per device (two CPU devices) against the same batch vmapped on one device. XLA
+    compiles the two programs differently (a seed alone on its device runs the unbatched program), so they agree to
+    float32 rounding, not bit for bit: the step-0 evaluation of the same initial networks (deterministic column
+    equal, sampled one within 1e-4; measured 8e-5) and the first iteration's losses (within 1e-3; measured 7e-5).
+    Later evaluations are not compared: PPO's rollouts amplify the rounding (measured 1% apart after 2 iterations;
+    docs/ppo.md, "Seeds over devices and hosts"). A --resume of the sharded batch continues both seeds exactly as
+    the uninterrupted sharded batch, and a seed count that the devices do not divide is refused in one line."""
+    base = tmp_path / "two"
+    flags = [*TINY, "--seed", "3", "--exp-name", "tiny", "--save-model"]
+    out = run_script("ppo_playground.py", *flags, "--run-dir", str(base), env=TWO_DEVICES).stdout
+    assert "2 seeds, 1 per device on 2 devices" in out
+    two = [Path(f"{base}__{seed}") for seed in (3, 4)]
+    for one_dir, two_dir in zip(tiny_runs, two, strict=True):
+        one_rows, two_rows = read_eval(one_dir), read_eval(two_dir)
+        assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == ["0", "20480"]
+        assert two_rows[0]["return_deterministic"] == one_rows[0]["return_deterministic"]
+        np.testing.assert_allclose(float(two_rows[0]["return"]), float(one_rows[0]["return"]), rtol=1e-4)
+        one_tb, two_tb = read_tb_scalars(one_dir), read_tb_scalars(two_dir)
+        for name in P.LOSS_NAMES:
+            (step, x), (two_step, y) = one_tb[f"losses/{name}"][0], two_tb[f"losses/{name}"][0]
+            assert step == two_step == 10240
+            np.testing.assert_allclose(y, x, rtol=1e-3, err_msg=name)
+
+    resumed = run_script("ppo_playground.py", "--resume", str(two[1]), "--total-steps", "40960",
+                         env=TWO_DEVICES).stdout
+    assert "resumed from step 20480" in resumed and "2 seeds, 1 per device on 2 devices" in resumed
+    run_script("ppo_playground.py", *flags, "--total-steps", "40960", "--num-evals", "3", "--run-dir",
+               str(tmp_path / "long"), env=TWO_DEVICES)
+    for seed, run_dir in zip((3, 4), two, strict=True):
+        assert [r[0] for r in eval_returns(run_dir)] == ["0", "20480", "40960"]
+        assert eval_returns(run_dir) == eval_returns(tmp_path / f"long__{seed}")
+
+    proc = run_script("ppo_playground.py", *TINY, "--num-seeds", "3", check=False, env=TWO_DEVICES)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --num-seeds 3 is not a multiple of the 2 devices; the nearest that is: 4")
+
+
+def test_distributed_without_a_coordinator_is_one_line():
+    proc = run_script("ppo_playground.py", "--distributed", "--impl", "jax", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: --distributed: could not reach a coordinator") and "JAX_COORDINATOR_ADDRESS" in line
 
 
 @pytest.mark.slow
