@@ -62,6 +62,14 @@ class Args:
     change)"""
     dry_run: bool = False
     """print the resolved config as one JSON object and exit, writing nothing"""
+    capture_video: bool = False
+    """record the first eval episode of each mode (pi, MPPI) to videos/{mode}_step{N}.mp4 in the run folder"""
+    video_every: int = 1
+    """with --capture-video: record every this many evaluations"""
+    video_height: int = 240
+    """video frame height in pixels"""
+    video_width: int = 320
+    """video frame width in pixels"""
 
     # Training schedule (every step count is in environment steps, action repeat included)
     total_steps: int = 4_000_000
@@ -298,8 +306,8 @@ def resolve_args(args: Args, venv) -> Args:
     positive = ["num_seeds", "total_steps", "num_envs", "k_update", "action_repeat", "eval_freq", "eval_episodes",
                 "log_freq", "buffer_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "simnorm_dim",
                 "batch_size", "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std",
-                "min_std", "episode_length", "seed_steps", "iterations", "discount", "keep_checkpoints",
-                "num_super_modules"]
+                "min_std", "episode_length", "seed_steps", "iterations", "discount", "keep_checkpoints", "video_every",
+                "video_height", "video_width", "num_super_modules"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -983,11 +991,18 @@ class Trainer:
         """Scan of `num_vector_steps` vector steps; per-step stats and loss means come back stacked."""
         return jax.lax.scan(self.vector_step, carry, None, length=num_vector_steps)
 
-    def evaluate(self, agent: AgentState, key):
+    def evaluate(self, agent: AgentState, key, record: bool = False):
         """Mean undiscounted return of `eval_episodes` full episodes with the policy mean and with MPPI (no noise);
-        both sets of episodes step together as one batch of envs."""
+        both sets of episodes step together as one batch of envs. With `record`, also the poses of the first episode
+        of each mode, (T + 1, 2) per field of RENDER_FIELDS plus `alive`, for `render_videos` to draw afterwards
+        (without `record` the compiled program is the one without video)."""
         venv, num = self.venv, self.args.eval_episodes
         k_reset, k_steps = jax.random.split(key)
+        first_of_each_mode = jnp.array([0, num])
+
+        def poses(env_state, alive):
+            fields = {name: getattr(env_state.data, name)[first_of_each_mode] for name in RENDER_FIELDS}
+            return {**fields, "alive": alive[first_of_each_mode]} if record else None
 
         def step(carry: EvalCarry, k):
             k_pi, k_mppi = jax.random.split(k)
@@ -1003,7 +1018,7 @@ class Trainer:
                 alive=carry.alive & ~done,
                 total_return=carry.total_return + reward * carry.alive,
                 t=carry.t + 1,
-            ), None
+            ), poses(env_state, carry.alive)  # a frame for each step the episode was still running
 
         init = EvalCarry(
             env_state=venv.reset(k_reset, 2 * num),
@@ -1012,8 +1027,12 @@ class Trainer:
             total_return=jnp.zeros(2 * num),
             t=jnp.zeros((), jnp.int32),
         )
-        final, _ = jax.lax.scan(step, init, jax.random.split(k_steps, venv.max_agent_steps))
-        return final.total_return[:num].mean(), final.total_return[num:].mean()
+        final, recorded = jax.lax.scan(step, init, jax.random.split(k_steps, venv.max_agent_steps))
+        returns = final.total_return[:num].mean(), final.total_return[num:].mean()
+        if not record:
+            return returns
+        start = poses(init.env_state, init.alive)
+        return returns, jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), start, recorded)
 
     def module_entropy(self, agent: AgentState, buffer: ReplayBuffer, key):
         """usage_entropy of the encoder latents of batch_size*(H+1) observations (as many as one update's rollout)
@@ -1034,19 +1053,25 @@ def train(args: Args) -> list[Path]:
     run_dirs = None
     if args.resume is not None:
         args, run_dirs = resume_config(args)
+    if args.capture_video and sys.platform == "linux":
+        os.environ.setdefault("MUJOCO_GL", "egl")  # Mesa's EGL renders without a display, on CPU-only machines too
     venv = VectorEnv(load_env(args.env_id, args.impl, args.episode_length), args.action_repeat)
     args = resolve_args(args, venv)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(args), indent=2))
         return []
     trainer = Trainer(args, venv)
+    videos = Videos.open(venv, args) if args.capture_video else None
     mesh = seed_mesh(args.num_seeds)
     env_steps_per_vector_step = args.num_envs * args.action_repeat
     chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
     train_chunk = over_seeds(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), mesh, donate=True)
     # The eval key depends only on the step: evaluations are the same however often the run was resumed.
-    evaluate = over_seeds(lambda agent, key, step: trainer.evaluate(agent, jax.random.fold_in(key, step)), mesh,
-                          in_axes=(0, 0, None))
+    def evaluation(record: bool):  # with record, also the poses of the first episode of each mode (for videos)
+        return over_seeds(lambda agent, key, step: trainer.evaluate(agent, jax.random.fold_in(key, step), record),
+                          mesh, in_axes=(0, 0, None))
+
+    evaluate, evaluate_recorded = evaluation(False), evaluation(True)
     # Per seed, off the same step's eval key, so that it too is the same however often the run was resumed.
     module_entropy = over_seeds(
         lambda agent, buffer, key, step: trainer.module_entropy(
@@ -1088,10 +1113,16 @@ def train(args: Args) -> list[Path]:
         while True:
             finished = step >= args.total_steps
             if stop.signum is None and (step >= loop["next_eval"] or finished):
-                returns_pi, returns_mppi = evaluate(carry.agent, k_eval, step)
+                if videos is not None and (step // args.eval_freq) % args.video_every == 0:
+                    (returns_pi, returns_mppi), poses = evaluate_recorded(carry.agent, k_eval, step)
+                else:
+                    (returns_pi, returns_mppi), poses = evaluate(carry.agent, k_eval, step), None
                 for i, (pi, mppi) in local_seed_rows((returns_pi, returns_mppi)).items():
                     returns[i] = {"pi": float(pi), "mppi": float(mppi)}
                 runs.log_eval(step, time.time() - start_time, returns)
+                if poses is not None:  # drawn here, outside the jitted programs
+                    for i, seed_poses in local_seed_rows(poses).items():
+                        videos.write(runs.dirs[i] / "videos", step, jax.device_get(seed_poses))
                 if step > 0:  # the buffer is empty before the first chunk
                     entropies = module_entropy(carry.agent, carry.buffer, k_eval, step)
                     for i, entropy in local_seed_rows(entropies).items():
@@ -1499,6 +1530,61 @@ class StopSignal:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+RENDER_FIELDS = ("qpos", "qvel", "mocap_pos", "mocap_quat", "xfrc_applied")  # what MuJoCo needs to draw a state
+
+
+class Videos:
+    """Evaluation episodes drawn from their recorded poses with MuJoCo's offscreen renderer (as Playground's
+    env.render does, without its progress bar) and written as mp4 with mediapy, at the agent's control rate."""
+
+    def __init__(self, mj_model, renderer, fps: float):
+        import mujoco
+
+        self.mujoco, self.model, self.renderer, self.fps = mujoco, mj_model, renderer, fps
+        self.data = mujoco.MjData(mj_model)
+
+    @classmethod
+    def open(cls, venv: VectorEnv, args: Args) -> Optional["Videos"]:
+        """None, after one warning line, when no OpenGL backend works: training goes on without video."""
+        try:
+            import mujoco
+
+            renderer = mujoco.Renderer(venv.env.mj_model, height=args.video_height, width=args.video_width)
+        except Exception as e:  # noqa: BLE001 (a missing GL library raises anything from ImportError to RuntimeError)
+            reason = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
+            print(f"warning: --capture-video: no OpenGL backend works (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
+                  f"{reason}); training goes on without video", flush=True)
+            return None
+        return cls(venv.env.mj_model, renderer, fps=1 / (venv.env.dt * args.action_repeat))
+
+    def frames(self, poses: dict, mode_index: int) -> list[np.ndarray]:
+        frames = []
+        for t in range(len(poses["alive"])):
+            if not poses["alive"][t, mode_index]:
+                break  # the episode ended at the previous frame
+            for name in RENDER_FIELDS:
+                getattr(self.data, name)[:] = poses[name][t, mode_index]
+            self.mujoco.mj_forward(self.model, self.data)
+            self.renderer.update_scene(self.data, camera=-1)
+            frames.append(self.renderer.render())
+        return frames
+
+    def write(self, folder: Path, step: int, poses: dict):
+        import shutil
+
+        import imageio_ffmpeg
+        import mediapy
+
+        if shutil.which("ffmpeg") is None:
+            mediapy.set_ffmpeg(imageio_ffmpeg.get_ffmpeg_exe())  # the ffmpeg binary that comes with the package
+        folder.mkdir(exist_ok=True)
+        for mode_index, mode in enumerate(["pi", "mppi"]):
+            path = folder / f"{mode}_step{step}.mp4"
+            tmp = path.with_name(f"{path.stem}.tmp.mp4")  # ffmpeg picks the format from the suffix
+            mediapy.write_video(tmp, self.frames(poses, mode_index), fps=self.fps)
+            os.replace(tmp, path)
 
 
 class EvalLog:
