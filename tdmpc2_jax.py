@@ -1078,8 +1078,8 @@ def seeds_on_devices(args: Args, mesh) -> str:
 def over_seeds(fn, mesh, in_axes=0, donate: bool = False):
     """jit(fn) over a leading seed axis of the arguments whose in_axes is 0 (None: shared by all seeds), sharded over
     the mesh so that each device runs its own seeds with no communication. A device with several seeds vmaps `fn`;
-    a device with one runs `fn` itself: XLA's batched kernels round differently, so a seed alone on its device is,
-    bit for bit, its solo run."""
+    a device with one runs `fn` itself, so that --num-seeds 1 is, bit for bit, the solo run (XLA's batched kernels,
+    and its programs for several devices, round differently)."""
     P = jax.sharding.PartitionSpec
 
     def local(*xs):  # this device's seeds
