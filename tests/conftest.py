@@ -76,17 +76,21 @@ def read_eval(run_dir: Path) -> list[dict]:
 
 
 def read_tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of a TensorBoard events file, read straight from its TFRecord framing."""
+    """(step, value) of each scalar as TensorBoard shows them, read straight from the events files' TFRecord framing:
+    the files in order (a resumed run adds one; names start with the time), where a SessionLog START event at step s
+    (what `purge_step` writes) hides every earlier event at step >= s."""
     from tensorboardX.proto import event_pb2
 
     out = {}
-    for path in sorted(run_dir.glob("events.out.tfevents.*")):  # a resumed run adds a file; names start with the time
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
         data, i = path.read_bytes(), 0
         while i < len(data):
             (n,) = struct.unpack("<Q", data[i:i + 8])
             event = event_pb2.Event()
             event.ParseFromString(data[i + 12:i + 12 + n])
             i += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                out = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in out.items()}
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     out.setdefault(value.tag, []).append((event.step, value.simple_value))

@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -452,27 +451,6 @@ def eval_returns(run_dir: Path) -> list[tuple[str, str, str]]:
     return [(r["step"], r["return"], r["return_deterministic"]) for r in read_eval(run_dir)]
 
 
-def tb_shown_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) of each scalar as TensorBoard shows them: the events files in order, where a SessionLog START
-    event at step s (what purge_step writes) hides every earlier event at step >= s."""
-    from tensorboardX.proto import event_pb2
-
-    out = {}
-    for path in sorted(run_dir.glob("events.out.tfevents.*")):
-        data, i = path.read_bytes(), 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[i + 12:i + 12 + n])
-            i += 12 + n + 4
-            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-                out = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in out.items()}
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return out
-
-
 @pytest.fixture(scope="module")
 def extended_runs(tiny_runs, compile_cache, tmp_path_factory) -> tuple[list[Path], subprocess.CompletedProcess]:
     """A copy of the tiny runs (2 iterations, ended with a checkpoint) resumed from the second seed's folder with
@@ -500,7 +478,7 @@ def test_resume_extends_exactly_like_a_longer_run(extended_runs, compile_cache, 
             del config["metadata"], config["run_dir"], config["batch_run_dirs"]
         assert configs[0] == configs[1]
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["20480", "40960"]
-        shown, shown_long = tb_shown_scalars(run_dir), tb_shown_scalars(long)
+        shown, shown_long = read_tb_scalars(run_dir), read_tb_scalars(long)
         assert [s for s, _ in shown["eval/return"]] == [0, 20480, 40960]
         for tag in ("eval/return", "losses/v_loss", "losses/policy_loss"):
             assert shown[tag] == shown_long[tag], tag
