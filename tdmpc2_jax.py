@@ -874,7 +874,7 @@ class Trainer:
     def evaluate(self, agent: AgentState, key, record: bool = False):
         """Mean undiscounted return of `eval_episodes` full episodes with the policy mean and with MPPI (no noise);
         both sets of episodes step together as one batch of envs. With `record`, also the poses of the first episode
-        of each mode, (T + 1, 2) per field of RENDER_FIELDS plus `alive`, for `render_videos` to draw afterwards
+        of each mode, (T + 1, 2) per field of RENDER_FIELDS plus `alive`, for `Videos` to draw afterwards
         (without `record` the compiled program is the one without video)."""
         venv, num = self.venv, self.args.eval_episodes
         k_reset, k_steps = jax.random.split(key)
@@ -1041,7 +1041,7 @@ def start_distributed():
     try:
         jax.distributed.initialize()  # coordinator, process count and id from JAX's environment variables
     except (ValueError, RuntimeError) as e:
-        raise UserError(f"--distributed: could not reach a coordinator ({str(e).splitlines()[0][:150]}); set "
+        raise UserError(f"--distributed: could not reach a coordinator ({first_line(e)}); set "
                         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM / "
                         "Open MPI") from None
 
@@ -1142,13 +1142,12 @@ class SeedRuns:
             if len(steps) == 1:
                 break
             step = min(steps)  # a seed's newest checkpoint was damaged: the whole batch goes back to its step
+        (common,) = steps
         for c in self.checkpoints.values():
-            c.delete_after(step if step is not None else max(steps))
+            c.delete_after(common)
         stored = jax.tree.map(lambda *rows: np.stack(rows), *[state for state, _ in restored.values()])
-        loop = dict(next(iter(restored.values()))[1])
-        returns = {i: seed_loop.pop("returns") for i, (_, seed_loop) in restored.items()}
-        loop.pop("returns")
-        return stored, loop, returns
+        returns = {i: seed_loop.pop("returns") for i, (_, seed_loop) in restored.items()}  # the rest is common
+        return stored, next(iter(restored.values()))[1], returns
 
     def open(self, resume_step: Optional[int]):
         from tensorboardX import SummaryWriter
@@ -1297,8 +1296,7 @@ class Checkpoints:
                 damaged.mkdir(exist_ok=True)
                 os.replace(self.run_dir / "checkpoints" / str(step), damaged / str(step))
                 self.manager.reload()
-                reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-                print(f"warning: checkpoint step {step} is damaged ({reason}); moved to {damaged}, trying the "
+                print(f"warning: checkpoint step {step} is damaged ({first_line(e)}); moved to {damaged}, trying the "
                       "previous one", flush=True)
                 continue
             return jax.tree.map(np.asarray, restored.state), restored.loop
@@ -1415,10 +1413,16 @@ class Videos:
 
             renderer = mujoco.Renderer(venv.env.mj_model, height=args.video_height, width=args.video_width)
         except Exception as e:  # noqa: BLE001 (a missing GL library raises anything from ImportError to RuntimeError)
-            reason = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
             print(f"warning: --capture-video: no OpenGL backend works (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
-                  f"{reason}); training goes on without video", flush=True)
+                  f"{first_line(e)}); training goes on without video", flush=True)
             return None
+        import shutil
+
+        import imageio_ffmpeg
+        import mediapy
+
+        if shutil.which("ffmpeg") is None:
+            mediapy.set_ffmpeg(imageio_ffmpeg.get_ffmpeg_exe())  # the ffmpeg binary that comes with the package
         return cls(venv.env.mj_model, renderer, fps=1 / (venv.env.dt * args.action_repeat))
 
     def frames(self, poses: dict, mode_index: int) -> list[np.ndarray]:
@@ -1434,13 +1438,8 @@ class Videos:
         return frames
 
     def write(self, folder: Path, step: int, poses: dict):
-        import shutil
-
-        import imageio_ffmpeg
         import mediapy
 
-        if shutil.which("ffmpeg") is None:
-            mediapy.set_ffmpeg(imageio_ffmpeg.get_ffmpeg_exe())  # the ffmpeg binary that comes with the package
         folder.mkdir(exist_ok=True)
         for mode_index, mode in enumerate(["pi", "mppi"]):
             path = folder / f"{mode}_step{step}.mp4"
@@ -1465,6 +1464,12 @@ class EvalLog:
         self.file.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
+
+
+def first_line(error: Exception) -> str:
+    """An exception as one short line, for one-line warnings and errors."""
+    text = str(error).strip()
+    return text.splitlines()[0][:150] if text else type(error).__name__
 
 
 def first_nonfinite(info: dict) -> Optional[tuple[str, int]]:

@@ -112,20 +112,26 @@ def assert_resume_is_exact(script: str, flags: list[str], tmp_path: Path, half: 
     assert scalars(halves) == scalars(whole)
 
 
-def sigterm_then_resume(script: str, flags: list[str], run_dir: Path, total: int) -> str:
-    """Start a run, SIGTERM it once it has printed a progress line, check that it checkpoints and exits 0 with the
-    resume command, then resume it to `total`. Returns the stopped run's output."""
-    proc = subprocess.Popen([sys.executable, str(REPO / script), *flags, "--total-steps", str(total), "--run-dir",
-                             str(run_dir)], cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def sigterm_after_first_progress_line(script: str, *args: str) -> tuple[int, str]:
+    """Run `python script args...`, send SIGTERM once it has printed its first progress line ("step ..."), and wait:
+    (exit code, stdout and stderr together)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=REPO, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step "):
             proc.send_signal(signal.SIGTERM)
             break
-    out = "".join(lines) + proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out[-3000:]
+    return proc.wait(timeout=600), "".join(lines) + proc.stdout.read()
+
+
+def sigterm_then_resume(script: str, flags: list[str], run_dir: Path, total: int) -> str:
+    """Start a run, SIGTERM it once it has printed a progress line, check that it checkpoints and exits 0 with the
+    resume command, then resume it to `total`. Returns the stopped run's output."""
+    code, out = sigterm_after_first_progress_line(script, *flags, "--total-steps", str(total), "--run-dir",
+                                                  str(run_dir))
+    assert code == 0, out[-3000:]
     stopped = re.search(rf"stopped at step (\d+); resume with: python {script} --resume {run_dir}\n", out)
     assert stopped and 0 < int(stopped[1]) < total, out[-3000:]
     assert (run_dir / "checkpoints" / stopped[1]).is_dir()

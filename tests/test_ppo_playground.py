@@ -7,12 +7,9 @@ import ast
 import dataclasses
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, TWO_DEVICES, read_eval, read_tb_scalars, run_script
+from conftest import REPO, TWO_DEVICES, read_eval, read_tb_scalars, run_script, sigterm_after_first_progress_line
 from scipy import stats
 
 import ppo_playground as P
@@ -508,21 +505,9 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(compile_cache, tmp_
     run_dir = tmp_path / "term"
     flags = [*CPU_CFG, "--total-steps", "61440", "--num-evals", "2", "--num-resets-per-eval", "2",
              "--episode-length", "1000", "--seed", "3", "--run-dir", str(run_dir)]
-    # The environment run_script gives its runs, so the compilation cache of the other CLI runs serves this one too.
-    cache = Path(tempfile.gettempdir()) / f"tdmpc2_mjx_test_cache_{os.getuid()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
-    proc = subprocess.Popen([sys.executable, str(REPO / "ppo_playground.py"), *flags], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step "):
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, err = proc.communicate(timeout=300)
-    lines += out.splitlines(keepends=True)
-    assert proc.returncode == 0, "".join(lines) + err
+    code, out = sigterm_after_first_progress_line("ppo_playground.py", *flags)
+    lines = out.splitlines(keepends=True)
+    assert code == 0, out
     assert "signal received: finishing the current iteration\n" in lines
     (stopped,) = [line for line in lines if line.startswith("stopped at step ")]
     step = int(stopped.split()[3].rstrip(";"))
