@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from importlib import metadata
 from pathlib import Path
 from typing import Literal, Optional
@@ -65,7 +65,8 @@ class Args:
     dry_run: bool = False
     """print the resolved config as one JSON object and exit, writing nothing"""
     capture_video: bool = False
-    """record the first eval episode of each mode (pi, MPPI) to videos/{mode}_step{N}.mp4 in the run folder"""
+    """record the first eval episode of each mode (pi, MPPI) to videos/{mode}_step{N}.mp4 in the run folder, each
+    frame marked with its Glass cluster, and draw glass/clusters_step{N}.png (S, P, the episodes' clusters)"""
     video_every: int = 1
     """with --capture-video: record every this many evaluations"""
     video_height: int = 240
@@ -504,6 +505,11 @@ def balance_hinge(S, c_src):
     return mass_hinge(S.mean(axis=0)) + mass_hinge(c_src.mean(axis=0))
 
 
+def partition(glass_params, args: Args):
+    """The soft partition S (N, K): row n is prototype n's distribution over the K clusters."""
+    return jax.nn.softmax(glass_params["assign_logits"] / args.glass_assign_temperature, axis=-1)
+
+
 def glass_graph(glass_params, z_src, z_next, args: Args) -> dict:
     """The Glass graph of one batch: assignments c_src, c_next (M, N), P and A (N, N), the partition S (N, K) and,
     with super-clusters, the combined partition S_super = S softmax(L_sup / T) (N, Ks). z_next never carries a
@@ -514,7 +520,7 @@ def glass_graph(glass_params, z_src, z_next, args: Args) -> dict:
     c_src = soft_assign(z_src, glass_params["prototypes"], args.glass_proto_temperature)
     c_next = soft_assign(z_next, glass_params["prototypes"], args.glass_proto_temperature)
     P, A = transition_graph(c_src, c_next)
-    S = jax.nn.softmax(glass_params["assign_logits"] / args.glass_assign_temperature, axis=-1)
+    S = partition(glass_params, args)
     graph = {"c_src": c_src, "c_next": c_next, "P": P, "A": A, "S": S}
     if args.glass_num_super_clusters is not None:
         graph["S_super"] = S @ jax.nn.softmax(glass_params["super_assign_logits"] / args.glass_assign_temperature, -1)
@@ -1145,15 +1151,22 @@ class Trainer:
     def evaluate(self, agent: AgentState, key, record: bool = False):
         """Mean undiscounted return of `eval_episodes` full episodes with the policy mean and with MPPI (no noise);
         both sets of episodes step together as one batch of envs. With `record`, also the poses of the first episode
-        of each mode, (T + 1, 2) per field of RENDER_FIELDS plus `alive`, for `Videos` to draw afterwards
-        (without `record` the compiled program is the one without video)."""
+        of each mode, (T + 1, 2) per field of RENDER_FIELDS plus `alive` and `cluster` (the Glass cluster of each
+        frame's latent), for `Videos` and `write_cluster_figure` to draw afterwards, and the partition `S` the labels
+        used (without `record` the compiled program is the one without video)."""
         venv, num = self.venv, self.args.eval_episodes
         k_reset, k_steps = jax.random.split(key)
         first_of_each_mode = jnp.array([0, num])
+        glass = agent.wm_params["glass"]
+        S = partition(glass, self.args) if record else None
+
+        def clusters(env_state):  # defined whether or not the schedule has Glass on: prototypes and S always exist
+            z = self.model.encode(agent.wm_params, observation(env_state)[first_of_each_mode])
+            return cluster_label(z, glass["prototypes"], S)
 
         def poses(env_state, alive):
             fields = {name: getattr(env_state.data, name)[first_of_each_mode] for name in RENDER_FIELDS}
-            return {**fields, "alive": alive[first_of_each_mode]} if record else None
+            return {**fields, "alive": alive[first_of_each_mode], "cluster": clusters(env_state)} if record else None
 
         def step(carry: EvalCarry, k):
             k_pi, k_mppi = jax.random.split(k)
@@ -1183,7 +1196,8 @@ class Trainer:
         if not record:
             return returns
         start = poses(init.env_state, init.alive)
-        return returns, jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), start, recorded)
+        frames = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), start, recorded)
+        return returns, {**frames, "S": S}
 
     def glass_report(self, agent: AgentState, buffer: ReplayBuffer, key, env_step):
         """Glass at `env_step` on one buffer batch of rollout latents, as the loss sees them, whether or not the
@@ -1225,7 +1239,7 @@ def train(args: Args) -> list[Path]:
     chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
     train_chunk = over_seeds(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), mesh, donate=True)
     # The eval key depends only on the step: evaluations are the same however often the run was resumed.
-    def evaluation(record: bool):  # with record, also the poses of the first episode of each mode (for videos)
+    def evaluation(record: bool):  # with record, also the first episode of each mode (for videos and clusters)
         return over_seeds(lambda agent, key, step: trainer.evaluate(agent, jax.random.fold_in(key, step), record),
                           mesh, in_axes=(0, 0, None))
 
@@ -1273,19 +1287,23 @@ def train(args: Args) -> list[Path]:
         while True:
             finished = step >= args.total_steps
             if stop.signum is None and (step >= loop["next_eval"] or finished):
-                if videos is not None and (step // args.eval_freq) % args.video_every == 0:
-                    (returns_pi, returns_mppi), poses = evaluate_recorded(carry.agent, k_eval, step)
+                if args.capture_video and (step // args.eval_freq) % args.video_every == 0:
+                    (returns_pi, returns_mppi), recorded = evaluate_recorded(carry.agent, k_eval, step)
                 else:
-                    (returns_pi, returns_mppi), poses = evaluate(carry.agent, k_eval, step), None
+                    (returns_pi, returns_mppi), recorded = evaluate(carry.agent, k_eval, step), None
                 for i, (pi, mppi) in local_seed_rows((returns_pi, returns_mppi)).items():
                     returns[i] = {"pi": float(pi), "mppi": float(mppi)}
                     if arbitrate:  # chosen on the episodes it reports, so (like best-any) an optimistic number
                         better = returns[i]["mppi"] > returns[i]["pi"] + args.arbitration_margin
                         returns[i]["arb"] = returns[i]["mppi" if better else "pi"]
                 runs.log_eval(step, time.time() - start_time, returns)
-                if poses is not None:  # drawn here, outside the jitted programs
-                    for i, seed_poses in local_seed_rows(poses).items():
-                        videos.write(runs.dirs[i] / "videos", step, jax.device_get(seed_poses))
+                if recorded is not None:  # drawn here, outside the jitted programs
+                    for i, seed_recorded in local_seed_rows(recorded).items():
+                        seed_recorded = jax.device_get(seed_recorded)
+                        if videos is not None:  # None when no OpenGL backend works; the figure needs none
+                            videos.write(runs.dirs[i] / "videos", step, seed_recorded)
+                        write_cluster_figure(runs.dirs[i] / "glass" / f"clusters_step{step}.png", step,
+                                             seed_recorded, args)
                 runs.log_glass(step, glass_report(carry.agent, carry.buffer, k_eval, step))
                 while loop["next_eval"] <= step:
                     loop["next_eval"] += args.eval_freq
@@ -1470,8 +1488,8 @@ class SeedRuns:
             glass_dir = self.dirs[i] / "glass"
             glass_dir.mkdir(exist_ok=True)
             if resume_step is not None:  # like eval.csv's rows: graphs of evaluations past the checkpoint are redone
-                for path in glass_dir.glob("P_S_step*.npz"):
-                    if int(path.stem.removeprefix("P_S_step")) > resume_step:
+                for path in [*glass_dir.glob("P_S_step*.npz"), *glass_dir.glob("clusters_step*.png")]:
+                    if int(path.stem.rpartition("_step")[2]) > resume_step:
                         path.unlink()
 
     def log_eval(self, step: int, wall_time: float, returns: dict):
@@ -1710,13 +1728,15 @@ RENDER_FIELDS = ("qpos", "qvel", "mocap_pos", "mocap_quat", "xfrc_applied")  # w
 
 class Videos:
     """Evaluation episodes drawn from their recorded poses with MuJoCo's offscreen renderer (as Playground's
-    env.render does, without its progress bar) and written as mp4 with mediapy, at the agent's control rate."""
+    env.render does, without its progress bar) and written as mp4 with mediapy, at the agent's control rate. Every
+    frame carries its latent's Glass cluster: a band across the top reading "cluster k" and a border, in k's colour."""
 
-    def __init__(self, mj_model, renderer, fps: float):
+    def __init__(self, mj_model, renderer, fps: float, num_clusters: int):
         import mujoco
 
         self.mujoco, self.model, self.renderer, self.fps = mujoco, mj_model, renderer, fps
         self.data = mujoco.MjData(mj_model)
+        self.num_clusters = num_clusters
 
     @classmethod
     def open(cls, venv: VectorEnv, args: Args) -> Optional["Videos"]:
@@ -1736,7 +1756,8 @@ class Videos:
 
         if shutil.which("ffmpeg") is None:
             mediapy.set_ffmpeg(imageio_ffmpeg.get_ffmpeg_exe())  # the ffmpeg binary that comes with the package
-        return cls(venv.env.mj_model, renderer, fps=1 / (venv.env.dt * args.action_repeat))
+        return cls(venv.env.mj_model, renderer, fps=1 / (venv.env.dt * args.action_repeat),
+                   num_clusters=args.glass_num_clusters)
 
     def frames(self, poses: dict, mode_index: int) -> list[np.ndarray]:
         frames = []
@@ -1747,8 +1768,17 @@ class Videos:
                 getattr(self.data, name)[:] = poses[name][t, mode_index]
             self.mujoco.mj_forward(self.model, self.data)
             self.renderer.update_scene(self.data, camera=-1)
-            frames.append(self.renderer.render())
+            frames.append(self.labelled(self.renderer.render(), int(poses["cluster"][t, mode_index])))
         return frames
+
+    def labelled(self, frame: np.ndarray, cluster: int) -> np.ndarray:
+        height, width = frame.shape[:2]
+        band = max(10, round(height / 10))
+        frame[:band] = cluster_band(cluster, self.num_clusters, width, band)
+        color = np.round(cluster_colors(self.num_clusters)[cluster] * 255).astype(np.uint8)
+        edge = max(1, height // 60)
+        frame[-edge:], frame[:, :edge], frame[:, -edge:] = color, color, color
+        return frame
 
     def write(self, folder: Path, step: int, poses: dict):
         import mediapy
@@ -1759,6 +1789,100 @@ class Videos:
             tmp = path.with_name(f"{path.stem}.tmp.mp4")  # ffmpeg picks the format from the suffix
             mediapy.write_video(tmp, self.frames(poses, mode_index), fps=self.fps)
             os.replace(tmp, path)
+
+
+def cluster_colors(num_clusters: int) -> np.ndarray:
+    """(K, 3) RGB in [0, 1]: cluster k's colour in the videos and in the cluster figure (tab10, tab20, then turbo)."""
+    from matplotlib import colormaps
+
+    if num_clusters <= 20:
+        return np.array(colormaps["tab10" if num_clusters <= 10 else "tab20"].colors)[:num_clusters]
+    return colormaps["turbo"](np.linspace(0, 1, num_clusters))[:, :3]
+
+
+@lru_cache(maxsize=64)
+def cluster_band(cluster: int, num_clusters: int, width: int, height: int) -> np.ndarray:
+    """(height, width, 3) uint8: "cluster k" on k's colour, drawn once per cluster and frame size by matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    color = cluster_colors(num_clusters)[cluster]
+    fig = Figure(figsize=((width + 0.01) / 100, (height + 0.01) / 100), dpi=100, facecolor=color)  # exact pixels
+    canvas = FigureCanvasAgg(fig)
+    text_color = "black" if color @ [0.299, 0.587, 0.114] > 0.5 else "white"  # luma: the readable one
+    fig.text(4 / width, 0.5, f"cluster {cluster}", color=text_color, fontsize=0.6 * height * 72 / 100,
+             fontweight="bold", ha="left", va="center")
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def episode_frames(alive: np.ndarray) -> int:
+    """Frames of a recorded episode: up to the first step where it no longer ran (as `Videos.frames` stops)."""
+    return int(np.argmin(alive)) if not alive.all() else len(alive)
+
+
+def write_cluster_figure(path: Path, step: int, recorded: dict, args: Args):
+    """glass/clusters_step{N}.png: the partition S, the cluster transitions P of the recorded episodes (their hard
+    labels, the ones on the video frames) and each mode's cluster sequence as a coloured strip."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    K, S, labels = args.glass_num_clusters, recorded["S"], recorded["cluster"]
+    colors = cluster_colors(K)
+    lengths = [episode_frames(recorded["alive"][:, m]) for m in range(2)]
+    counts = np.zeros((K, K))
+    for m, n in enumerate(lengths):
+        np.add.at(counts, (labels[: n - 1, m], labels[1:n, m]), 1)
+    visits = np.bincount(np.concatenate([labels[:n, m] for m, n in enumerate(lengths)]), minlength=K)
+    with np.errstate(invalid="ignore"):
+        transitions = counts / counts.sum(axis=1, keepdims=True)  # NaN rows: clusters left by no transition
+
+    fig = Figure(figsize=(11, 6.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, 2, height_ratios=[3, 1])
+    state = "Glass on" if glass_active(args, step) else "Glass off at this step: prototypes and S as they stand"
+    fig.suptitle(f"Glass clusters at env step {step:,} ({state})")
+
+    axes = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])]
+    ax = axes[0]
+    image = ax.imshow(S, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.scatter(S.argmax(axis=1), np.arange(len(S)), marker="x", color="white", s=14)
+    ax.set(title="Partition S (x: the cluster a prototype's frames get)", xlabel="cluster k", ylabel="prototype n",
+           xticks=range(K), yticks=range(0, len(S), max(1, len(S) // 16)))
+    fig.colorbar(image, ax=ax, label="S[n, k] = P(cluster k | prototype n)")
+
+    ax = axes[1]
+    image = ax.imshow(np.ma.masked_invalid(transitions), cmap=colormaps["magma"].with_extremes(bad="0.85"),
+                      vmin=0, vmax=1, interpolation="nearest")
+    if K <= 10:
+        for (i, j), value in np.ndenumerate(transitions):
+            if counts[i, j]:  # the transitions that happened; blank cells: none
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if value > 0.6 else "white")
+    ax.set(title="P: cluster transitions t -> t+1 in the recorded episodes\n"
+                 "(pi and mppi, hard labels; gray rows: no transition from that cluster)",
+           xlabel="next cluster", ylabel="cluster (frames in it)", xticks=range(K), yticks=range(K),
+           yticklabels=[f"{k} ({visits[k]})" for k in range(K)])
+    fig.colorbar(image, ax=ax, label="P(next cluster | cluster)")
+
+    ax = axes[2]
+    frame = np.arange(len(labels))
+    strip = np.ma.masked_array(labels.T, mask=frame[None] >= np.array(lengths)[:, None])  # after the episode: blank
+    image = ax.imshow(strip, aspect="auto", cmap=ListedColormap(colors).with_extremes(bad="white"),
+                      vmin=-0.5, vmax=K - 0.5, interpolation="nearest")
+    ax.set(title="Cluster of each frame's latent (the colour of the video's band)",
+           xlabel="frame (0: the initial state, then one per agent step)", yticks=[0, 1],
+           yticklabels=[f"pi ({lengths[0]})", f"mppi ({lengths[1]})"])
+    fig.colorbar(image, ax=ax, label="cluster", ticks=range(K), aspect=8)
+    for ticks in (axes[0].get_xticklabels(), axes[1].get_xticklabels(), axes[1].get_yticklabels()):
+        for tick, color in zip(ticks, colors, strict=True):  # cluster ids in their colours, as on the videos
+            tick.set(color=color, fontweight="bold")
+    data = io.BytesIO()
+    fig.savefig(data, format="png", dpi=80)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write(path, data.getvalue())
 
 
 class EvalLog:

@@ -425,6 +425,47 @@ def test_run_logs_diagnostics_before_during_and_after_glass(tmp_path):
         np.testing.assert_allclose(f["P"].sum(-1), 1.0, rtol=1e-5)
 
 
+# --- videos and cluster pictures ---
+def test_recorded_evaluation_returns_each_frames_cluster():
+    """With `record` the evaluation also returns each recorded frame's cluster (an integer per frame and mode) and
+    the partition S the labels came from; without it, only the two returns (the program without video)."""
+    venv = G.VectorEnv(G.load_env("CartpoleBalance", "jax", episode_length=100), action_repeat=2)
+    args = G.resolve_args(G.Args(env_id="CartpoleBalance", num_envs=2, k_update=2, seed_steps=80, num_samples=16,
+                                 num_elites=2, num_pi_trajs=2, glass_num_clusters=5, **SMALL), venv)
+    trainer = G.Trainer(args, venv)
+    agent = jax.eval_shape(trainer.init, jax.random.key(0)).agent
+    plain = jax.eval_shape(trainer.evaluate, agent, jax.random.key(1))
+    assert [(x.shape, x.dtype) for x in plain] == [((), jnp.float32), ((), jnp.float32)]
+    _, recorded = jax.eval_shape(partial(trainer.evaluate, record=True), agent, jax.random.key(1))
+    assert recorded["cluster"].shape == (51, 2) and jnp.issubdtype(recorded["cluster"].dtype, jnp.integer)
+    assert recorded["S"].shape == (16, 5) and recorded["alive"].shape == (51, 2)
+
+
+def test_capture_video_frames_carry_their_cluster_and_the_cluster_figure_is_drawn(tmp_path):
+    """K = 3 clusters, Glass on from env step 200, evaluations at 0 (Glass off by the schedule: labels from the
+    initial prototypes and S) and 400 (Glass on). Every frame's band is in the colour of a cluster in [0, K) (read
+    back from the mp4: the colours are far apart, the codec moves them little) and the figure is a PNG."""
+    import imageio_ffmpeg
+
+    run_dir = tmp_path / "video"
+    run_script("tdmpc_glass_jax.py", *TINY_TDMPC2, "--total-steps", "400", "--glass-warmup-steps", "200",
+               "--glass-num-clusters", "3", "--capture-video", "--video-height", "48", "--video-width", "64",
+               "--run-dir", str(run_dir))
+    assert sorted(p.name for p in (run_dir / "videos").iterdir()) == [
+        "mppi_step0.mp4", "mppi_step400.mp4", "pi_step0.mp4", "pi_step400.mp4"]
+    colors = G.cluster_colors(3) * 255
+    for video in (run_dir / "videos").iterdir():
+        frames = imageio_ffmpeg.read_frames(str(video))
+        assert next(frames)["size"] == (64, 48)
+        band = np.array([np.frombuffer(f, np.uint8).reshape(48, 64, 3)[2, -4] for f in frames], float)
+        distance = np.linalg.norm(band[:, None] - colors[None], axis=-1)  # (frames, K)
+        assert len(band) == 51 and distance.min(axis=1).max() < 30, video.name
+    for step in (0, 400):
+        png = (run_dir / "glass" / f"clusters_step{step}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert not list((run_dir / "glass").glob("*.tmp"))
+
+
 # --- resume ---
 def test_resume_is_exact_across_the_glass_schedule(tmp_path):
     """Glass on from env step 200 to 600 (without the stop-gradient, so it shapes the agent and the returns), resumed
