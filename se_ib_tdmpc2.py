@@ -63,7 +63,8 @@ class Args:
     dry_run: bool = False
     """print the resolved config as one JSON object and exit, writing nothing"""
     capture_video: bool = False
-    """record the first eval episode of each mode (pi, MPPI) to videos/{mode}_step{N}.mp4 in the run folder"""
+    """record the first eval episode of each mode (pi, MPPI) to videos/{mode}_step{N}.mp4 in the run folder, and its
+    dominant SimNorm symbols to symbols/symbols_step{N}.png"""
     video_every: int = 1
     """with --capture-video: record every this many evaluations"""
     video_height: int = 240
@@ -475,6 +476,13 @@ def usage_entropy(z, simnorm_dim: int):
     """Entropy (nats) of the module usage histogram: module_assignment averaged over all rows of z (..., latent)."""
     usage = module_assignment(z, simnorm_dim).reshape(-1, simnorm_dim).mean(0)
     return jnp.sum(jax.scipy.special.entr(usage))
+
+
+def dominant_symbols(z, simnorm_dim: int):
+    """(..., latent) SimNorm latents -> (..., groups) int32 dominant symbol (argmax within each group) and its
+    probability, the group's peak: what the symbol pictures of --capture-video draw."""
+    groups = z.reshape(*z.shape[:-1], -1, simnorm_dim)
+    return jnp.argmax(groups, axis=-1).astype(jnp.int32), jnp.max(groups, axis=-1)
 
 
 def module_regularisers(args: Args, zs, next_z):
@@ -1015,15 +1023,21 @@ class Trainer:
     def evaluate(self, agent: AgentState, key, record: bool = False):
         """Mean undiscounted return of `eval_episodes` full episodes with the policy mean and with MPPI (no noise);
         both sets of episodes step together as one batch of envs. With `record`, also the poses of the first episode
-        of each mode, (T + 1, 2) per field of RENDER_FIELDS plus `alive`, for `Videos` to draw afterwards
-        (without `record` the compiled program is the one without video)."""
+        of each mode, (T + 1, 2) per field of RENDER_FIELDS plus `alive`, for `Videos` to draw afterwards, and the
+        dominant symbol and peak of every SimNorm group of each frame's encoder latent, (T + 1, 2, groups), for
+        `write_symbol_picture` (without `record` the compiled program is the one without video)."""
         venv, num = self.venv, self.args.eval_episodes
         k_reset, k_steps = jax.random.split(key)
         first_of_each_mode = jnp.array([0, num])
 
         def poses(env_state, alive):
             fields = {name: getattr(env_state.data, name)[first_of_each_mode] for name in RENDER_FIELDS}
-            return {**fields, "alive": alive[first_of_each_mode]} if record else None
+            return {**fields, "alive": alive[first_of_each_mode], **symbols(env_state)} if record else None
+
+        def symbols(env_state):  # the frame's encoder latent, read as one symbol per SimNorm group
+            z = self.model.encode(agent.wm_params, observation(env_state)[first_of_each_mode])
+            symbol, peak = dominant_symbols(z, self.args.simnorm_dim)
+            return {"symbol": symbol, "peak": peak}
 
         def step(carry: EvalCarry, k):
             k_pi, k_mppi = jax.random.split(k)
@@ -1088,7 +1102,7 @@ def train(args: Args) -> list[Path]:
     chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
     train_chunk = over_seeds(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), mesh, donate=True)
     # The eval key depends only on the step: evaluations are the same however often the run was resumed.
-    def evaluation(record: bool):  # with record, also the poses of the first episode of each mode (for videos)
+    def evaluation(record: bool):  # with record, also the first episode of each mode (for videos, symbol pictures)
         return over_seeds(lambda agent, key, step: trainer.evaluate(agent, jax.random.fold_in(key, step), record),
                           mesh, in_axes=(0, 0, None))
 
@@ -1134,16 +1148,19 @@ def train(args: Args) -> list[Path]:
         while True:
             finished = step >= args.total_steps
             if stop.signum is None and (step >= loop["next_eval"] or finished):
-                if videos is not None and (step // args.eval_freq) % args.video_every == 0:
-                    (returns_pi, returns_mppi), poses = evaluate_recorded(carry.agent, k_eval, step)
+                if args.capture_video and (step // args.eval_freq) % args.video_every == 0:
+                    (returns_pi, returns_mppi), recorded = evaluate_recorded(carry.agent, k_eval, step)
                 else:
-                    (returns_pi, returns_mppi), poses = evaluate(carry.agent, k_eval, step), None
+                    (returns_pi, returns_mppi), recorded = evaluate(carry.agent, k_eval, step), None
                 for i, (pi, mppi) in local_seed_rows((returns_pi, returns_mppi)).items():
                     returns[i] = {"pi": float(pi), "mppi": float(mppi)}
                 runs.log_eval(step, time.time() - start_time, returns)
-                if poses is not None:  # drawn here, outside the jitted programs
-                    for i, seed_poses in local_seed_rows(poses).items():
-                        videos.write(runs.dirs[i] / "videos", step, jax.device_get(seed_poses))
+                if recorded is not None:  # drawn here, outside the jitted programs
+                    for i, seed_recorded in local_seed_rows(recorded).items():
+                        seed_recorded = jax.device_get(seed_recorded)
+                        if videos is not None:  # the symbol picture needs no OpenGL
+                            videos.write(runs.dirs[i] / "videos", step, seed_recorded)
+                        write_symbol_picture(runs.dirs[i] / "symbols", step, seed_recorded, args.simnorm_dim)
                 if step > 0:  # the buffer is empty before the first chunk
                     entropies = module_entropy(carry.agent, carry.buffer, k_eval, step)
                     for i, entropy in local_seed_rows(entropies).items():
@@ -1605,6 +1622,51 @@ class Videos:
             tmp = path.with_name(f"{path.stem}.tmp.mp4")  # ffmpeg picks the format from the suffix
             mediapy.write_video(tmp, self.frames(poses, mode_index), fps=self.fps)
             os.replace(tmp, path)
+
+
+def write_symbol_picture(folder: Path, step: int, recorded: dict, simnorm_dim: int):
+    """symbols_step{N}.png: for each mode, the recorded episode's dominant symbol of every SimNorm group (rows) at
+    every frame (columns), one colour per symbol index, faded where the group's peak probability is low (alpha = the
+    peak, from 1 / simnorm_dim for a uniform group to 1 for a one-hot one). A symbol index means something only
+    within its group: compare colours along a row, not across rows."""
+    import io
+
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    palette = colormaps["tab10" if simnorm_dim <= 10 else "tab20"].colors
+    cmap = ListedColormap(palette[:simnorm_dim]) if simnorm_dim <= 20 else colormaps["turbo"].resampled(simnorm_dim)
+    norm = BoundaryNorm(np.arange(simnorm_dim + 1) - 0.5, simnorm_dim)
+    groups = recorded["symbol"].shape[-1]
+    fig = Figure(figsize=(8, 1.2 + 2 * (1 + min(groups, 64) / 32)), dpi=100, layout="constrained")
+    axes = fig.subplots(2, 1)
+    longest = int(recorded["alive"].sum(0).max())  # both panels on one time axis
+    for mode_index, (ax, mode) in enumerate(zip(axes, ["pi (policy mean)", "MPPI"], strict=True)):
+        frames = int(recorded["alive"][:, mode_index].sum())  # the frames the video shows: until the episode ended
+        symbol = recorded["symbol"][:frames, mode_index].T  # (groups, frames)
+        peak = recorded["peak"][:frames, mode_index].T
+        ax.imshow(symbol, cmap=cmap, norm=norm, alpha=peak, aspect="auto", interpolation="nearest")
+        per_group = np.mean([len(np.unique(row)) for row in symbol])
+        switches = np.mean(symbol[:, 1:] != symbol[:, :-1]) if frames > 1 else 0.0
+        codes = len({tuple(column) for column in symbol.T})
+        ax.set_title(f"{mode}: {per_group:.1f} of {simnorm_dim} symbols used per group, {switches:.0%} of steps "
+                     f"switch, {codes} distinct latent codes in {frames} frames", fontsize=9)
+        ax.set_xlim(-0.5, longest - 0.5)
+        ax.set_ylabel("SimNorm group")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1].set_xlabel("time step of the episode (agent steps; frame 0 = the initial state)")
+    used = len(np.unique(recorded["symbol"][recorded["alive"]]))
+    fig.suptitle(f"step {step:,}: dominant symbol of each SimNorm group ({used} of {simnorm_dim} symbols used)",
+                 fontsize=11)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, ticks=np.arange(simnorm_dim))
+    bar.set_label("dominant symbol (faded: low peak probability)", fontsize=9)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    folder.mkdir(exist_ok=True)
+    atomic_write(folder / f"symbols_step{step}.png", png.getvalue())
 
 
 class EvalLog:

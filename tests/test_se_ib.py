@@ -1,10 +1,11 @@
 """se_ib_tdmpc2.py: the SE / IB losses against hand-computed values, finite gradients, wiring into the world-model
 loss, the CLI, bit-for-bit parity with tdmpc2_jax.py when the regularisers are off (alone and with --num-seeds), exact
-resume with them on, and learning on CartpoleBalance."""
+resume with them on, the symbol pictures of --capture-video, and learning on CartpoleBalance."""
 
 import dataclasses
 import json
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +138,17 @@ def test_gradients_finite_at_one_hot_and_uniform(kind):
     args = dataclasses.replace(S.Args(), simnorm_dim=simnorm_dim, se_coef=0.1, ib_coef=0.1, se_2d=True)
     grad = jax.grad(lambda z: S.module_regularisers(args, z, z[1:])[0])(zs)
     assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_dominant_symbols_hand_values():
+    # Two latents of three groups of 3: the argmax within each group and its probability.
+    z = jnp.array([[0.2, 0.7, 0.1, 0.5, 0.3, 0.2, 0.0, 0.1, 0.9],
+                   [0.6, 0.2, 0.2, 0.1, 0.1, 0.8, 0.3, 0.4, 0.3]])
+    symbol, peak = S.dominant_symbols(z, 3)
+    assert symbol.dtype == jnp.int32
+    np.testing.assert_array_equal(symbol, [[1, 0, 2], [0, 2, 1]])
+    np.testing.assert_allclose(peak, [[0.7, 0.5, 0.9], [0.6, 0.8, 0.4]], rtol=1e-6)
+    assert S.dominant_symbols(jnp.zeros((5, 2, 64)), 8)[0].shape == (5, 2, 8)
 
 
 # --- wiring into the world-model loss ---
@@ -308,6 +320,69 @@ def test_seed_batch_on_two_devices_is_tdmpc2s_and_logs_module_entropy_per_seed(t
         assert "losses/se" in scalars
         entropies.append(scalars["se/module_entropy"])
     assert entropies[0] != entropies[1]  # each seed's own agent and buffer
+
+
+# --- symbol pictures (--capture-video) ---
+TINY_EVAL = dict(model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16, simnorm_dim=4, batch_size=8, num_samples=16,
+                 num_elites=2, num_pi_trajs=2, iterations=1, buffer_size=2000, eval_episodes=1)
+
+
+def tiny_trainer(module):
+    venv = module.VectorEnv(module.load_env("CartpoleBalance", "jax", episode_length=60), action_repeat=2)
+    args = module.Args(env_id="CartpoleBalance", num_envs=2, k_update=2, seed_steps=80, **TINY_EVAL)
+    return module.Trainer(module.resolve_args(args, venv), venv)
+
+
+def tiny_agent(trainer):
+    return jax.jit(partial(S.init_agent, trainer.model, trainer.wm_tx, trainer.pi_tx))(jax.random.key(0))
+
+
+def test_evaluation_without_video_traces_the_tdmpc2_program():
+    # The symbols are added only when recording: the plain evaluation is tdmpc2_jax.py's, op for op.
+    trainer, theirs = tiny_trainer(S), tiny_trainer(T)
+    agent = tiny_agent(trainer)
+    key = jax.random.key(1)
+    assert str(jax.make_jaxpr(trainer.evaluate)(agent, key)) == str(jax.make_jaxpr(theirs.evaluate)(agent, key))
+
+
+def test_recorded_evaluation_returns_each_frames_dominant_symbols(tmp_path):
+    from PIL import Image
+
+    trainer = tiny_trainer(S)
+    agent = tiny_agent(trainer)
+    key = jax.random.key(1)
+    _, recorded = jax.device_get(jax.jit(partial(trainer.evaluate, record=True))(agent, key))
+    # 30 agent steps (60 physics steps, action repeat 2) plus the initial state; 16 / 4 = 4 groups; pi and MPPI.
+    assert recorded["symbol"].shape == (31, 2, 4) and recorded["symbol"].dtype == np.int32
+    assert recorded["peak"].shape == (31, 2, 4)
+    assert ((recorded["symbol"] >= 0) & (recorded["symbol"] < 4)).all()
+    # Frame 0 by hand: the first env of each mode after the evaluation's reset, encoded, argmax of each group of 4.
+    k_reset, _ = jax.random.split(key)
+    obs = S.observation(jax.jit(trainer.venv.reset, static_argnums=1)(k_reset, 2))  # env 0 is pi's, env 1 MPPI's
+    groups = np.asarray(trainer.model.encode(agent.wm_params, obs)).reshape(2, 4, 4)
+    np.testing.assert_array_equal(recorded["symbol"][0], groups.argmax(-1))
+    np.testing.assert_allclose(recorded["peak"][0], groups.max(-1), rtol=1e-6)
+    # The picture of it: a valid PNG written atomically into symbols/.
+    S.write_symbol_picture(tmp_path / "symbols", 400, recorded, 4)
+    assert [p.name for p in (tmp_path / "symbols").iterdir()] == ["symbols_step400.png"]
+    with Image.open(tmp_path / "symbols" / "symbols_step400.png") as image:
+        assert image.format == "PNG" and image.size[0] > 300
+        image.verify()
+
+
+def test_capture_video_writes_a_symbol_picture_per_recorded_evaluation(tmp_path):
+    from PIL import Image
+
+    run_dir = tmp_path / "video"
+    run_script("se_ib_tdmpc2.py", *TINY_TDMPC2, "--se-coef", "0.01", "--run-dir", str(run_dir), "--capture-video",
+               "--video-every", "2", "--video-height", "48", "--video-width", "64")
+    # Evaluations at 0, 400 and 800 env steps; every second one (0 and 800) is recorded.
+    pictures = sorted(p.name for p in (run_dir / "symbols").iterdir())
+    assert pictures == ["symbols_step0.png", "symbols_step800.png"]
+    for name in pictures:
+        with Image.open(run_dir / "symbols" / name) as image:
+            assert image.format == "PNG"
+            image.verify()
 
 
 # --- resume ---
