@@ -16,6 +16,7 @@ Formulas, implementation details with their Brax sources, logged metrics and mea
     python ppo_playground.py --env-id CartpoleBalance --num-seeds 8 --distributed   # on each of several hosts
     python ppo_playground.py --env-id AcrobotSwingup --dry-run     # print the resolved config, run nothing
     python ppo_playground.py --resume runs/CartpoleBalance__ppo_playground__1__1764590000   # continue a run
+    python ppo_playground.py --env-id CartpoleBalance --capture-video   # videos/deterministic_step{N}.mp4 per eval
 """
 
 import dataclasses
@@ -72,6 +73,14 @@ class Args:
     """load the env, print the resolved config (what args.json would hold) as one JSON object, and exit"""
     step_rounding: Literal["brax", "iteration"] = "brax"
     """brax: the iterations and eval points of Brax's ppo.train (60M runs 88.5M); iteration: ceil(total / iteration)"""
+    capture_video: bool = False
+    """record the first deterministic eval episode to videos/deterministic_step{N}.mp4 in the run folder"""
+    video_every: int = 1
+    """with --capture-video: record every this many evaluations (the first one, at step 0, included)"""
+    video_height: int = 240
+    """video frame height in pixels"""
+    video_width: int = 320
+    """video frame width in pixels"""
 
     # Algorithm specific arguments (None = Playground's value for this env_id, or Brax's default)
     total_steps: Optional[int] = None
@@ -208,7 +217,8 @@ def resolve_args(args: Args) -> Args:
         args.impl = "warp" if any(d.platform == "gpu" for d in jax.devices()) else "jax"
 
     positive = ["num_seeds", "total_steps", "num_envs", "episode_length", "action_repeat", "unroll_length",
-                "batch_size", "num_minibatches", "num_updates_per_batch", "num_evals", "num_eval_envs"]
+                "batch_size", "num_minibatches", "num_updates_per_batch", "num_evals", "num_eval_envs", "video_every",
+                "video_height", "video_width"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -281,7 +291,9 @@ def env_reset(env, key: jax.Array, num: int) -> EnvState:
     )
 
 
-def env_step(env, args: Args, state: EnvState, action: jax.Array) -> tuple[EnvState, StepOut]:
+def env_step(env, args: Args, state: EnvState, action: jax.Array, reset_done: bool = True) -> tuple[EnvState, StepOut]:
+    """One agent step (action_repeat env steps) of every env. Finished episodes return to their cached first state,
+    unless `reset_done` is False (a recorded evaluation: its episode's last frame is where it ended)."""
     def physics_step(inner, _):
         inner = jax.vmap(env.step)(inner, action)
         return inner, inner.reward
@@ -301,9 +313,10 @@ def env_step(env, args: Args, state: EnvState, action: jax.Array) -> tuple[EnvSt
     def where_done(first, x):
         return jnp.where(done.reshape(done.shape + (1,) * (x.ndim - 1)) > 0, first, x)
 
-    data = jax.tree.map(where_done, state.first_data, inner.data)
-    obs = where_done(state.first_obs, inner.obs)
-    inner = inner.replace(data=data, obs=obs, reward=reward, done=done)
+    if reset_done:
+        inner = inner.replace(data=jax.tree.map(where_done, state.first_data, inner.data),
+                              obs=where_done(state.first_obs, inner.obs))
+    inner = inner.replace(reward=reward, done=done)
     new_state = state.replace(
         inner=inner, steps=jnp.where(done > 0, 0, steps), episode_return=jnp.where(done > 0, 0.0, episode_return))
     return new_state, StepOut(reward, done, truncation, episode_return * done)
@@ -601,28 +614,44 @@ class EvalCarry:
     active: jax.Array  # 1 until the env's first done, then 0
 
 
-def evaluate(env, args: Args, params, normalizer, key):
+RENDER_FIELDS = ("qpos", "qvel", "mocap_pos", "mocap_quat", "xfrc_applied")  # what MuJoCo needs to draw a state
+
+
+def evaluate(env, args: Args, params, normalizer, key, record: bool = False):
     """Mean undiscounted return of num_eval_envs full episodes: (stochastic policy, deterministic tanh(loc)).
 
-    Both modes run in one batch of 2 x num_eval_envs envs (the first half samples, the second takes the mode)."""
+    Both modes run in one batch of 2 x num_eval_envs envs (the first half samples, the second takes the mode). With
+    `record`, also the poses of the first deterministic episode, (T + 1,) per field of RENDER_FIELDS plus `alive`,
+    for `Videos` to draw afterwards (without `record` the compiled program is the one without video)."""
     n = args.num_eval_envs
     deterministic = jnp.arange(2 * n) >= n
     policy = policy_net(args)
     k_reset, k_act = jax.random.split(key)
+
+    def poses(env_state: EnvState, active):  # env n runs the first deterministic episode
+        if not record:
+            return None
+        return {**{name: getattr(env_state.inner.data, name)[n] for name in RENDER_FIELDS}, "alive": active[n] > 0}
 
     def step(carry: EvalCarry, k):
         obs = normalize(normalizer, carry.env_state.inner.obs)
         loc, scale = policy_dist(policy.apply(params["policy"], obs))
         sample = loc + scale * jax.random.normal(k, loc.shape)
         action = jnp.tanh(jnp.where(deterministic[:, None], loc, sample))
-        env_state, out = env_step(env, args, carry.env_state, action)
+        # Returns count each episode until its first done, so what a finished env does next never matters: a
+        # recorded evaluation lets it run on, and its last frame shows where the episode ended, not the reset state.
+        env_state, out = env_step(env, args, carry.env_state, action, reset_done=not record)
         return EvalCarry(env_state, carry.episode_return + out.reward * carry.active,
-                         carry.active * (1.0 - out.done)), None
+                         carry.active * (1.0 - out.done)), poses(env_state, carry.active)  # a frame per step it ran
 
     init = EvalCarry(env_reset(env, k_reset, 2 * n), jnp.zeros(2 * n), jnp.ones(2 * n))
     num_steps = args.episode_length // args.action_repeat
-    final, _ = jax.lax.scan(step, init, jax.random.split(k_act, num_steps))
-    return final.episode_return[:n].mean(), final.episode_return[n:].mean()
+    final, recorded = jax.lax.scan(step, init, jax.random.split(k_act, num_steps))
+    returns = final.episode_return[:n].mean(), final.episode_return[n:].mean()
+    if not record:
+        return returns
+    start = poses(init.env_state, init.active)
+    return returns, jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), start, recorded)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -643,6 +672,8 @@ def train(args: Args) -> list[Path]:
     resumed = args.resume is not None
     if resumed:
         args, dirs = resume_config(args)
+    if args.capture_video and sys.platform == "linux":  # before MuJoCo is imported: it picks its backend then
+        os.environ.setdefault("MUJOCO_GL", "egl")  # Mesa's EGL renders without a display, on CPU-only machines too
     args, env = setup(args)
     if not resumed:
         dirs = run_dirs(args)
@@ -703,13 +734,22 @@ def train(args: Args) -> list[Path]:
     iteration_fn = over_seeds(functools.partial(training_iteration, env, args), mesh, donate=True)
     iteration_fn = iteration_fn.lower(ts).compile()
     # The evaluation key depends only on the iteration: evaluations are the same however often the run was resumed.
-    eval_fn = over_seeds(lambda params, normalizer, key, iteration: evaluate(
-        env, args, params, normalizer, jax.random.fold_in(key, iteration)), mesh, in_axes=(0, 0, 0, None))
+    def evaluation(record: bool):  # with record, also the poses of the first deterministic episode (for videos)
+        return over_seeds(lambda params, normalizer, key, iteration: evaluate(
+            env, args, params, normalizer, jax.random.fold_in(key, iteration), record), mesh, in_axes=(0, 0, 0, None))
+
+    eval_fn, eval_recorded_fn = evaluation(False), evaluation(True)  # each compiles at its first call
+    videos = Videos.open(env, args) if args.capture_video else None
     print(f"compiled the training iteration in {time.time() - start:.1f} s", flush=True)
     wall_start = time.time() - loop["wall_time"]  # eval.csv's wall_time continues across resumes
 
     def run_eval(step: int, iteration: int) -> None:
-        returns = local_seed_rows(eval_fn(ts.params, ts.normalizer, carry["k_eval"], iteration))
+        eval_args = (ts.params, ts.normalizer, carry["k_eval"], iteration)
+        if videos is not None and args.eval_steps.index(step) % args.video_every == 0:
+            returns, poses = eval_recorded_fn(*eval_args)
+        else:
+            returns, poses = eval_fn(*eval_args), None
+        returns = local_seed_rows(returns)
         wall = time.time() - wall_start
         for i, (ret, ret_det) in returns.items():
             csv_files[i].write(f"{step},{wall:.3f},{ret:.6f},{ret_det:.6f}\n")
@@ -719,6 +759,9 @@ def train(args: Args) -> list[Path]:
         ret, ret_det = (np.array([r[k] for r in returns.values()]) for k in (0, 1))
         print(f"eval step={step:,} return={np.array2string(ret, precision=1)} "
               f"deterministic={np.array2string(ret_det, precision=1)}", flush=True)
+        if poses is not None:  # drawn here, outside the jitted programs
+            for i, seed_poses in local_seed_rows(poses).items():
+                videos.write(dirs[i] / "videos", step, seed_poses)
 
     first = loop["iteration"] + 1
     if first == 1 and 0 in args.eval_steps:
@@ -852,6 +895,60 @@ def local_seed_rows(tree) -> dict:
                 rows.setdefault(first + j, [None] * len(leaves))[n] = data[j]
     # JAX replicates zero-size arrays over the devices: those give rows of every seed, which only they fill.
     return {i: jax.tree.unflatten(treedef, row) for i, row in sorted(rows.items()) if not any(x is None for x in row)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Videos: recorded evaluation episodes, drawn after the jitted evaluation
+# ---------------------------------------------------------------------------------------------------------------
+class Videos:
+    """Evaluation episodes drawn from their recorded poses with MuJoCo's offscreen renderer (as Playground's
+    env.render does, without its progress bar) and written as mp4 with mediapy, at the agent's control rate."""
+
+    def __init__(self, mj_model, renderer, fps: float):
+        import mujoco
+
+        self.mujoco, self.model, self.renderer, self.fps = mujoco, mj_model, renderer, fps
+        self.data = mujoco.MjData(mj_model)
+
+    @classmethod
+    def open(cls, env, args: Args) -> Optional["Videos"]:
+        """None, after one warning line, when no OpenGL backend works: training goes on without video."""
+        try:
+            import mujoco
+
+            renderer = mujoco.Renderer(env.mj_model, height=args.video_height, width=args.video_width)
+        except Exception as e:  # noqa: BLE001 (a missing GL library raises anything from ImportError to RuntimeError)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+            print(f"warning: --capture-video: no OpenGL backend works (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
+                  f"{reason}); training goes on without video", flush=True)
+            return None
+        import imageio_ffmpeg
+        import mediapy
+
+        if shutil.which("ffmpeg") is None:
+            mediapy.set_ffmpeg(imageio_ffmpeg.get_ffmpeg_exe())  # the ffmpeg binary that comes with the package
+        return cls(env.mj_model, renderer, fps=1 / (env.dt * args.action_repeat))  # env.dt: one env step
+
+    def frames(self, poses: dict) -> list[np.ndarray]:
+        frames = []
+        for t in range(len(poses["alive"])):
+            if not poses["alive"][t]:
+                break  # the episode ended at the previous frame
+            for name in RENDER_FIELDS:
+                getattr(self.data, name)[:] = poses[name][t]
+            self.mujoco.mj_forward(self.model, self.data)
+            self.renderer.update_scene(self.data, camera=-1)
+            frames.append(self.renderer.render())
+        return frames
+
+    def write(self, folder: Path, step: int, poses: dict):
+        import mediapy
+
+        folder.mkdir(exist_ok=True)
+        path = folder / f"deterministic_step{step}.mp4"
+        tmp = path.with_name(f"{path.stem}.tmp.mp4")  # ffmpeg picks the format from the suffix
+        mediapy.write_video(tmp, self.frames(poses), fps=self.fps)
+        os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

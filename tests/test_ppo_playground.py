@@ -5,6 +5,7 @@ The CLI runs share one persistent JAX compilation cache and one set of shapes, s
 
 import ast
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -562,6 +563,52 @@ def test_resume_refusals_are_one_line_and_write_nothing(tiny_runs, tmp_path):
                                                 "when resuming"]
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Videos
+# ---------------------------------------------------------------------------------------------------------------
+def test_evaluation_records_the_deterministic_episode_to_its_final_state_only_when_asked():
+    """Without `record` the evaluation's outputs are the two returns alone (the program is the one before videos;
+    its jaxpr was compared with the previous version's when the flag was added). With it, also the poses of env
+    num_eval_envs (the first deterministic episode): the reset state and one per agent step, the last one where the
+    episode ended rather than the reset state every finished env returns to otherwise."""
+    args, env = P.setup(P.Args(env_id="CartpoleBalance", impl="jax", num_envs=4, batch_size=4, num_minibatches=2,
+                               num_eval_envs=3, episode_length=40, action_repeat=2, total_steps=1000))
+    ts = P.init_ppo_state(args, jax.random.PRNGKey(0), env_state=None)  # the evaluation builds its own envs
+    key = jax.random.PRNGKey(1)
+    plain = jax.eval_shape(functools.partial(P.evaluate, env, args), ts.params, ts.normalizer, key)
+    assert [(x.shape, x.dtype) for x in plain] == [((), jnp.float32), ((), jnp.float32)]
+    _, poses = jax.jit(functools.partial(P.evaluate, env, args, record=True))(ts.params, ts.normalizer, key)
+    assert set(poses) == {*P.RENDER_FIELDS, "alive"} and poses["qpos"].shape == (21, 2)  # 40 env steps / repeat 2
+    assert poses["alive"].all()  # CartpoleBalance never terminates: the episode ends by truncation at the last step
+    # The evaluation resets 2 x 3 envs with the first half of its key; env 3 is the first deterministic one.
+    reset_qpos = jax.jit(lambda k: jax.vmap(env.reset)(jax.random.split(k, 6)).data.qpos)(jax.random.split(key)[0])
+    np.testing.assert_array_equal(poses["qpos"][0], reset_qpos[3])
+    assert not np.allclose(poses["qpos"][-1], poses["qpos"][0])
+
+
+@same_worker
+def test_capture_video_writes_decodable_mp4s_per_seed_through_resume_and_changes_no_number(
+        extended_runs, compile_cache, tmp_path):
+    """The tiny batch with --capture-video --video-every 2, then resumed to twice the steps, as `extended_runs` was
+    without video: every seed's folder holds the videos of evaluations 0 and 2 (steps 0 and 40960), each 1001 frames
+    (the reset state and 1000 agent steps) at CartpoleBalance's control rate, and eval.csv is the same."""
+    import imageio_ffmpeg  # mediapy's reader fails with the ffmpeg binary that imageio-ffmpeg bundles
+
+    base = tmp_path / "video"
+    run_ppo(compile_cache, *TINY, "--seed", "3", "--exp-name", "tiny", "--save-model", "--run-dir", str(base),
+            "--capture-video", "--video-every", "2", "--video-height", "48", "--video-width", "64")
+    resume_ppo(compile_cache, Path(f"{base}__4"), "--total-steps", "40960")
+    for seed, without_video in zip((3, 4), extended_runs[0], strict=True):
+        run_dir = Path(f"{base}__{seed}")
+        assert sorted(p.name for p in (run_dir / "videos").iterdir()) == [
+            "deterministic_step0.mp4", "deterministic_step40960.mp4"]
+        assert eval_returns(run_dir) == eval_returns(without_video)  # recording changes no number
+    frames = imageio_ffmpeg.read_frames(str(base) + "__4/videos/deterministic_step40960.mp4")
+    meta = next(frames)
+    assert meta["size"] == (64, 48) and meta["fps"] == 100  # CartpoleBalance: 0.01 s control step, action repeat 1
+    assert sum(1 for _ in frames) == 1001
 
 
 # ---------------------------------------------------------------------------------------------------------------
