@@ -823,7 +823,7 @@ def start_distributed():
     try:
         jax.distributed.initialize()  # coordinator, process count and id from JAX's environment variables
     except (ValueError, RuntimeError) as e:
-        raise UserError(f"--distributed: could not reach a coordinator ({str(e).splitlines()[0][:150]}); set "
+        raise UserError(f"--distributed: could not reach a coordinator ({first_line(e)}); set "
                         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM / "
                         "Open MPI") from None
 
@@ -918,9 +918,8 @@ class Videos:
 
             renderer = mujoco.Renderer(env.mj_model, height=args.video_height, width=args.video_width)
         except Exception as e:  # noqa: BLE001 (a missing GL library raises anything from ImportError to RuntimeError)
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
             print(f"warning: --capture-video: no OpenGL backend works (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
-                  f"{reason}); training goes on without video", flush=True)
+                  f"{first_line(e)}); training goes on without video", flush=True)
             return None
         import imageio_ffmpeg
         import mediapy
@@ -1130,7 +1129,7 @@ def restorable_step(dirs: list[Path], steps: list[int], restore_args) -> tuple[i
                         for d in dirs]
             break
         except Exception as e:  # whatever orbax or the file system raises, the step is unusable
-            failed.append((step, (str(e).strip().splitlines() or [type(e).__name__])[0][:120]))
+            failed.append((step, first_line(e)))
     else:  # none restores: rather a config that does not fit them than all damaged, so nothing is moved
         raise UserError(f"--resume: no checkpoint in {dirs[0] / 'checkpoints'} can be restored (step {failed[0][0]}: "
                         f"{failed[0][1]})")
@@ -1169,6 +1168,12 @@ def stop_on_signals() -> tuple[list, dict]:
         print("signal received: finishing the current iteration", flush=True)
 
     return received, {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def first_line(error: Exception) -> str:
+    """An exception as one short line, for one-line warnings and errors."""
+    text = str(error).strip()
+    return text.splitlines()[0][:150] if text else type(error).__name__
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -1030,9 +1030,11 @@ class Trainer:
         k_reset, k_steps = jax.random.split(key)
         first_of_each_mode = jnp.array([0, num])
 
-        def poses(env_state, alive):
+        def poses(env_state, alive):  # None without record: nothing extra is traced
+            if not record:
+                return None
             fields = {name: getattr(env_state.data, name)[first_of_each_mode] for name in RENDER_FIELDS}
-            return {**fields, "alive": alive[first_of_each_mode], **symbols(env_state)} if record else None
+            return {**fields, "alive": alive[first_of_each_mode], **symbols(env_state)}
 
         def symbols(env_state):  # the frame's encoder latent, read as one symbol per SimNorm group
             z = self.model.encode(agent.wm_params, observation(env_state)[first_of_each_mode])
@@ -1590,7 +1592,7 @@ class Videos:
             renderer = mujoco.Renderer(venv.env.mj_model, height=args.video_height, width=args.video_width)
         except Exception as e:  # noqa: BLE001 (a missing GL library raises anything from ImportError to RuntimeError)
             print(f"warning: --capture-video: no OpenGL backend works (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
-                  f"{first_line(e)}); training goes on without video", flush=True)
+                  f"{first_line(e)}); training goes on without video (the symbol pictures are still drawn)", flush=True)
             return None
         import shutil
 

@@ -901,9 +901,11 @@ class Trainer:
         k_reset, k_steps = jax.random.split(key)
         first_of_each_mode = jnp.array([0, num])
 
-        def poses(env_state, alive):
+        def poses(env_state, alive):  # None without record: nothing extra is traced
+            if not record:
+                return None
             fields = {name: getattr(env_state.data, name)[first_of_each_mode] for name in RENDER_FIELDS}
-            return {**fields, "alive": alive[first_of_each_mode]} if record else None
+            return {**fields, "alive": alive[first_of_each_mode]}
 
         def step(carry: EvalCarry, k):
             k_pi, k_mppi = jax.random.split(k)

@@ -1164,9 +1164,11 @@ class Trainer:
             z = self.model.encode(agent.wm_params, observation(env_state)[first_of_each_mode])
             return cluster_label(z, glass["prototypes"], S)
 
-        def poses(env_state, alive):
+        def poses(env_state, alive):  # None without record: nothing extra is traced
+            if not record:
+                return None
             fields = {name: getattr(env_state.data, name)[first_of_each_mode] for name in RENDER_FIELDS}
-            return {**fields, "alive": alive[first_of_each_mode], "cluster": clusters(env_state)} if record else None
+            return {**fields, "alive": alive[first_of_each_mode], "cluster": clusters(env_state)}
 
         def step(carry: EvalCarry, k):
             k_pi, k_mppi = jax.random.split(k)
@@ -1747,7 +1749,7 @@ class Videos:
             renderer = mujoco.Renderer(venv.env.mj_model, height=args.video_height, width=args.video_width)
         except Exception as e:  # noqa: BLE001 (a missing GL library raises anything from ImportError to RuntimeError)
             print(f"warning: --capture-video: no OpenGL backend works (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
-                  f"{first_line(e)}); training goes on without video", flush=True)
+                  f"{first_line(e)}); training goes on without video (the cluster figures are still drawn)", flush=True)
             return None
         import shutil
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +74,26 @@ def run_script(script: str, *args: str, timeout: float = 600, check: bool = True
 def read_eval(run_dir: Path) -> list[dict]:
     with open(run_dir / "eval.csv") as f:
         return list(csv.DictReader(f))
+
+
+def read_video(path: Path) -> tuple[dict, np.ndarray]:
+    """(ffmpeg's metadata, the frames as (T, height, width, 3) uint8) of an mp4. Read with imageio-ffmpeg: mediapy's
+    reader fails with the ffmpeg binary that imageio-ffmpeg bundles (no system ffmpeg on these machines)."""
+    import imageio_ffmpeg
+
+    frames = imageio_ffmpeg.read_frames(str(path))
+    meta = next(frames)
+    width, height = meta["size"]
+    return meta, np.stack([np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in frames])
+
+
+def assert_png(path: Path):
+    """A whole PNG file: Pillow parses and verifies it."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+        image.verify()
 
 
 def read_tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

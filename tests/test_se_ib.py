@@ -15,6 +15,7 @@ from conftest import (
     DMC_ENV,
     TINY_TDMPC2,
     TWO_DEVICES,
+    assert_png,
     assert_resume_is_exact,
     learning_run,
     read_eval,
@@ -346,8 +347,6 @@ def test_evaluation_without_video_traces_the_tdmpc2_program():
 
 
 def test_recorded_evaluation_returns_each_frames_dominant_symbols(tmp_path):
-    from PIL import Image
-
     trainer = tiny_trainer(S)
     agent = tiny_agent(trainer)
     key = jax.random.key(1)
@@ -365,14 +364,10 @@ def test_recorded_evaluation_returns_each_frames_dominant_symbols(tmp_path):
     # The picture of it: a valid PNG written atomically into symbols/.
     S.write_symbol_picture(tmp_path / "symbols", 400, recorded, 4)
     assert [p.name for p in (tmp_path / "symbols").iterdir()] == ["symbols_step400.png"]
-    with Image.open(tmp_path / "symbols" / "symbols_step400.png") as image:
-        assert image.format == "PNG" and image.size[0] > 300
-        image.verify()
+    assert_png(tmp_path / "symbols" / "symbols_step400.png")
 
 
 def test_capture_video_writes_a_symbol_picture_per_recorded_evaluation(tmp_path):
-    from PIL import Image
-
     run_dir = tmp_path / "video"
     run_script("se_ib_tdmpc2.py", *TINY_TDMPC2, "--se-coef", "0.01", "--run-dir", str(run_dir), "--capture-video",
                "--video-every", "2", "--video-height", "48", "--video-width", "64")
@@ -380,9 +375,7 @@ def test_capture_video_writes_a_symbol_picture_per_recorded_evaluation(tmp_path)
     pictures = sorted(p.name for p in (run_dir / "symbols").iterdir())
     assert pictures == ["symbols_step0.png", "symbols_step800.png"]
     for name in pictures:
-        with Image.open(run_dir / "symbols" / name) as image:
-            assert image.format == "PNG"
-            image.verify()
+        assert_png(run_dir / "symbols" / name)
 
 
 # --- resume ---
