@@ -4,7 +4,8 @@
 # Docs: docs/plot_ci.md.
 #
 #   python plot_ci.py runs/ [--metric best-any] [--merge OLD=NEW] [--env-id HopperHop] \
-#       [--baseline data/official_tdmpc2/hopper-hop.csv] [--aggregate] [--compare X Y] [--out plots/]
+#       [--baseline data/official_tdmpc2/hopper-hop.csv] [--aggregate] [--compare X Y] [--out plots/] \
+#       [--describe families.json] [--html] [--watch 300]
 #
 # Depends only on numpy, matplotlib and the standard library.
 """Compare families of runs: the 5-seed table (mean, Student-t 95% CI, G1 hits), learning curves with 95% bands, and
@@ -13,18 +14,24 @@ across-task aggregates with stratified bootstrap CIs (IQM, probability of improv
 import argparse
 import csv
 import hashlib
+import html
+import io
 import itertools
 import json
 import math
 import os
 import re
+import signal
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from matplotlib.colors import hsv_to_rgb
+from matplotlib.colors import hsv_to_rgb, to_hex
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
@@ -52,6 +59,7 @@ class Run:
     seed: int
     kind: str  # "tdmpc" (return_pi, return_mppi) or "ppo" (return)
     columns: dict
+    modified: float = math.nan  # eval.csv's modification time (Unix seconds) when it was read
 
     @property
     def steps(self) -> np.ndarray:
@@ -62,13 +70,20 @@ class Run:
         return int(self.steps[-1]) if self.steps.size else None
 
 
-def read_csv_columns(path: Path, required: tuple[str, ...]) -> dict:
-    """Columns of a numeric CSV with a header; PlotCIError names the file and line of any bad row."""
+def read_csv_columns(path: Path, required: tuple[str, ...], being_written: bool = False) -> dict:
+    """Columns of a numeric CSV with a header; PlotCIError names the file and line of any bad row.
+
+    being_written: the file is appended to while we read (a run's eval.csv), so a last line without its newline is
+    a row still being written and is left out; its digits so far could parse as a wrong number.
+    """
     try:
         with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+            text = f.read()
     except UnicodeDecodeError:
         raise PlotCIError(f"{path}: not a text CSV file") from None
+    if being_written and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         return {name: np.zeros(0) for name in required}
     header = [h.strip() for h in rows[0]]
@@ -112,11 +127,12 @@ def read_run(run_dir: Path) -> Run:
         seed = int(args["seed"])
     except (TypeError, ValueError):
         raise PlotCIError(f"{args_path}: seed {args['seed']!r} is not an integer") from None
+    modified = eval_path.stat().st_mtime
     with open(eval_path, newline="", errors="replace") as f:
         header = [h.strip() for h in f.readline().split(",")]
     kind = "ppo" if "return" in header and "return_pi" not in header else "tdmpc"
-    columns = read_csv_columns(eval_path, PPO_COLUMNS if kind == "ppo" else TDMPC_COLUMNS)
-    return Run(run_dir, str(args["env_id"]), str(args["exp_name"]), seed, kind, _sorted_by_step(columns))
+    columns = read_csv_columns(eval_path, PPO_COLUMNS if kind == "ppo" else TDMPC_COLUMNS, being_written=True)
+    return Run(run_dir, str(args["env_id"]), str(args["exp_name"]), seed, kind, _sorted_by_step(columns), modified)
 
 
 def load_runs(dirs) -> list[Run]:
@@ -156,13 +172,42 @@ def load_baseline(path, action_repeat: int = 2) -> list[tuple[np.ndarray, np.nda
     return curves
 
 
+# The official curves (data/official_tdmpc2/, by file stem) were made on the original dm_control suite; our runs are on
+# MuJoCo Playground's ports, which differ: in every port the physics (DMC_PORT_NOTE), and per task as below. A few
+# words each, for the legend and the note under the table; the measurements are in docs/envs.md.
+OFFICIAL_DMC_DIFFERENCES = {
+    "acrobot-swingup": "Euler integrator instead of RK4",
+    "cartpole-balance": "Euler integrator instead of RK4",
+    "cartpole-swingup": "Euler integrator instead of RK4",
+    "cheetah-run": "",
+    "finger-spin": "other timestep, friction cone and integrator; reset skips the collision check",
+    "hopper-hop": "touch readings differ strongly under MJX",
+    "pendulum-swingup": "observation order swapped; reset covers half the angle range",
+    "quadruped-walk": "Playground has no port of this task",
+    "reacher-easy": "first observation computed before the target is placed",
+    "walker-run": "no torso-height observation (a torso orientation entry instead)",
+    "walker-walk": "no torso-height observation (a torso orientation entry instead)",
+}
+DMC_PORT_NOTE = ("The official TD-MPC2 curves were made on the original dm_control suite. In every MuJoCo Playground "
+                 "port the physics differs (fewer solver and line-search iterations, eulerdamp off, contacts capped "
+                 "per model), so trajectories from one state split within 1 to 100 env steps and a fixed policy "
+                 "scores differently. Per task: docs/envs.md.")
+
+
+class Baseline(NamedTuple):
+    label: str
+    curves: list  # [(env steps, reward)] per seed
+    dmc_differences: str | None  # None unless it is an official dm_control curve: then that task's known differences
+
+
 def _name_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 def assign_baselines(paths, env_ids, env_filter=None, action_repeat: int = 2) -> dict:
-    """{env_id: [(label, curves)]}: a baseline goes to --env-id if given, else to the env its file is named after
-    (hopper-hop.csv -> HopperHop), else to the only env present."""
+    """{env_id: [Baseline]}: a baseline goes to --env-id if given, else to the env its file is named after
+    (hopper-hop.csv -> HopperHop), else to the only env present. A file named like an official TD-MPC2 CSV is taken
+    for the official dm_control curve of that task."""
     out = defaultdict(list)
     for p in paths or ():
         curves = load_baseline(p, action_repeat)
@@ -174,8 +219,14 @@ def assign_baselines(paths, env_ids, env_filter=None, action_repeat: int = 2) ->
                 raise PlotCIError(f"{p}: cannot tell which env this baseline belongs to; name the file after the "
                                   f"env (e.g. hopper-hop.csv) or pass --env-id")
             env = matches[0] if matches else env_ids[0]
-        out[env].append((f"baseline {Path(p).stem}", curves))
+        stem = Path(p).stem
+        out[env].append(Baseline(f"baseline {stem}", curves, OFFICIAL_DMC_DIFFERENCES.get(stem)))
     return out
+
+
+def baseline_note(env_id: str, b: Baseline) -> str:
+    """What an official dm_control curve's task differs in here, for under the table."""
+    return f"{env_id}, {b.label}: {b.dmc_differences or 'no difference known beyond the physics'}"
 
 
 # ---------------------------------------------------------------------------
@@ -292,24 +343,59 @@ def table_cells(row: FamilyRow) -> list[str]:
 TABLE_HEADER = ["Env", "Family", "Runs", "Mean", "95% CI", "G1 hits", "G2", "Values"]
 
 
+@dataclass(frozen=True)
+class Table:
+    """A table as text cells, rendered both as Markdown and on the HTML page, so the two show the same numbers."""
+
+    header: list
+    rows: list
+    numeric: tuple  # indices of the right-aligned columns
+
+
+def family_table(rows, descriptions=None) -> Table:
+    """The table of families; with --describe a last column holds each family's line."""
+    header = TABLE_HEADER + (["Description"] if descriptions else [])
+    cells = [table_cells(r) + ([descriptions.get(r.family, "")] if descriptions else []) for r in rows]
+    return Table(header, cells, (2, 3, 4, 5, 6))
+
+
+def markdown_table(t: Table) -> list[str]:
+    return ["| " + " | ".join(t.header) + " |",
+            "|" + "|".join("---:" if i in t.numeric else "---" for i in range(len(t.header))) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in t.rows)]
+
+
+def rule_line(metric, min_steps, g1, g2) -> str:
+    return (f"Metric {metric}; a run counts when its last step >= {min_steps:,.0f} or {metric} >= {g1:g}; "
+            f"G1 hits = #(value >= {g1:g}) / Runs; G2 = any value >= {g2:g}; 95% CI by Student's t (n-1 dof).")
+
+
+def not_countable_caption(metric, min_steps, g1) -> str:
+    return f"Not countable yet (last step < {min_steps:,.0f} and {metric} < {g1:g}; or no finite return):"
+
+
 def rejected_line(r: Rejected, metric: str) -> str:
     last = "no evaluation yet" if r.run.last_step is None else f"last step {r.run.last_step:,}"
-    return f"- {r.env_id} / {r.family} seed {r.run.seed}: {last}, {metric} {_num(r.value)} ({r.run.path})"
+    return f"{r.env_id} / {r.family} seed {r.run.seed}: {last}, {metric} {_num(r.value)} ({r.run.path})"
 
 
-def format_markdown(rows, rejected, metric, min_steps, g1, g2) -> str:
-    """The Markdown table, a one-line legend, and the runs that do not count yet."""
-    lines = [
-        f"Metric {metric}; a run counts when its last step >= {min_steps:,.0f} or {metric} >= {g1:g}; "
-        f"G1 hits = #(value >= {g1:g}) / Runs; G2 = any value >= {g2:g}; 95% CI by Student's t (n-1 dof).",
-        "",
-        "| " + " | ".join(TABLE_HEADER) + " |",
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(TABLE_HEADER) - 1)) + "|---|",
-    ]
-    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+def dmc_baseline_notes(baselines) -> list[str]:
+    """baseline_note of every official dm_control curve among {env_id: [Baseline]}."""
+    return [baseline_note(env, b) for env, found in sorted(baselines.items()) for b in found
+            if b.dmc_differences is not None]
+
+
+def format_markdown(rows, rejected, metric, min_steps, g1, g2, baselines=None, descriptions=None) -> str:
+    """The Markdown table, a one-line legend, what the dm_control baselines differ in, and the runs that do not
+    count yet."""
+    lines = [rule_line(metric, min_steps, g1, g2), "", *markdown_table(family_table(rows, descriptions))]
+    notes = dmc_baseline_notes(baselines or {})
+    if notes:
+        lines += ["", f"Baselines from dm_control, not from Playground. {DMC_PORT_NOTE}"]
+        lines += [f"- {note}" for note in notes]
     if rejected:
-        lines += ["", f"Not countable yet (last step < {min_steps:,.0f} and {metric} < {g1:g}; or no finite return):"]
-        lines += [rejected_line(r, metric) for r in rejected]
+        lines += ["", not_countable_caption(metric, min_steps, g1)]
+        lines += [f"- {rejected_line(r, metric)}" for r in rejected]
     return "\n".join(lines) + "\n"
 
 
@@ -371,16 +457,22 @@ def family_color(name: str):
     return tuple(hsv_to_rgb((hue, 0.8, 0.55 + 0.35 * digest[4] / 255)))
 
 
-def env_bands(rows, baselines, metric: str, action_repeat: int) -> list[Band]:
-    """The bands of one env: its baselines (grey, steps converted to env steps), then each family with countable
-    runs."""
+def env_bands(rows, baselines, metric: str, action_repeat: int, descriptions=None) -> list[Band]:
+    """The bands of one env: its baselines (grey, steps converted to env steps; an official dm_control curve says so
+    on a second legend line), then each family with countable runs (its --describe line after its name)."""
     unit = "env steps" if action_repeat == 1 else f"agent steps ×{action_repeat}"
-    bands = [make_band(label, f"{label} ({unit}, n={len(curves)})", (0.25, 0.25, 0.25), curves)
-             for label, curves in baselines]
+    bands = []
+    for b in baselines:
+        legend = f"{b.label} ({unit}, n={len(b.curves)})"
+        if b.dmc_differences is not None:
+            legend += f"\ndm_control, not Playground: {b.dmc_differences or 'physics differs'}"
+        bands.append(make_band(b.label, legend, (0.25, 0.25, 0.25), b.curves))
     for row in rows:
         if row.runs:
             curves = [(r.steps, score_curve(r, metric)) for r in row.runs]
-            bands.append(make_band(row.family, f"{row.family} (n={len(curves)})", family_color(row.family), curves))
+            description = (descriptions or {}).get(row.family)
+            legend = f"{row.family} (n={len(curves)})" + (f": {description}" if description else "")
+            bands.append(make_band(row.family, legend, family_color(row.family), curves))
     return bands
 
 
@@ -510,12 +602,11 @@ def normalisation_ranges(mode: str, tasks, baselines) -> tuple[dict, str]:
         found = baselines.get(task, [])
         if len(found) != 1:
             raise PlotCIError(f"--normalize baseline needs exactly one --baseline for {task}, got {len(found)}")
-        label, curves = found[0]
-        _, mean, _, _ = mean_band(curves)
+        _, mean, _, _ = mean_band(found[0].curves)
         zero, one = float(mean.min()), float(mean.max())
         if one == zero:
-            raise PlotCIError(f"--normalize baseline divides by zero on {task}: the mean curve of {label} is flat "
-                              f"at {zero:g} (min = max)")
+            raise PlotCIError(f"--normalize baseline divides by zero on {task}: the mean curve of {found[0].label} "
+                              f"is flat at {zero:g} (min = max)")
         ranges[task] = (zero, one)
     return ranges, "(return - min) / (max - min), min and max of the baseline's mean curve on each task"
 
@@ -585,31 +676,46 @@ def _ci(lo: float, hi: float) -> str:
     return f"[{lo:.3f}, {hi:.3f}]"
 
 
+IMPROVEMENT_CAPTION = ("Probability of improvement P(X > Y) + ½ P(X = Y) of a run of X over a run of Y on the same "
+                       "task; `all` = the average over tasks; P(Y > X) = 1 - P(X > Y).")
+
+
+def analysis_caption(a: Analysis, metric: str, reps: int, seed: int) -> str:
+    return (f"Aggregates of {metric} over {len(a.tasks)} task(s) ({', '.join(a.tasks)}); normalised score = "
+            f"{a.normalisation}. 95% CIs by stratified bootstrap (runs resampled within each task; {reps:,} "
+            f"resamples, seed {seed}).")
+
+
+def aggregate_table(a: Analysis) -> Table:
+    rows = [[family, str(sum(s.size for s in a.scores[family])),
+             *(f"{v:.3f} {_ci(lo, hi)}" for v, lo, hi in (values[m] for m in AGGREGATES))]
+            for family, values in a.aggregates.items()]
+    return Table(["Family", "Runs", *(AGGREGATE_TITLES[m] for m in AGGREGATES)], rows,
+                 tuple(range(1, len(AGGREGATES) + 2)))
+
+
+def improvement_table(a: Analysis) -> Table:
+    rows = [[x, y, task, f"{p:.3f}", _ci(lo, hi)] for x, y, task, p, lo, hi in a.improvements]
+    return Table(["X", "Y", "Task", "Probability", "95% CI"], rows, (3, 4))
+
+
+def unused_runs(a: Analysis, rejected) -> list[Rejected]:
+    """The not-countable runs of the families and tasks analysed."""
+    return [r for r in rejected if r.family in a.scores and r.env_id in a.tasks]
+
+
 def format_analysis(a: Analysis, rejected, metric: str, reps: int, seed: int) -> str:
     """The aggregates and probabilities of improvement as Markdown, and what was left out."""
-    lines = [
-        f"Aggregates of {metric} over {len(a.tasks)} task(s) ({', '.join(a.tasks)}); normalised score = "
-        f"{a.normalisation}. 95% CIs by stratified bootstrap (runs resampled within each task; {reps:,} resamples, "
-        f"seed {seed}).",
-        "",
-        "| Family | Runs | " + " | ".join(AGGREGATE_TITLES[m] for m in AGGREGATES) + " |",
-        "|---|---:|" + "---:|" * len(AGGREGATES),
-    ]
-    for family, values in a.aggregates.items():
-        cells = [f"{v:.3f} {_ci(lo, hi)}" for v, lo, hi in (values[m] for m in AGGREGATES)]
-        lines.append(f"| {family} | {sum(s.size for s in a.scores[family])} | " + " | ".join(cells) + " |")
+    lines = [analysis_caption(a, metric, reps, seed), "", *markdown_table(aggregate_table(a))]
     if a.improvements:
-        lines += ["", "Probability of improvement P(X > Y) + ½ P(X = Y) of a run of X over a run of Y on the same "
-                      "task; `all` = the average over tasks; P(Y > X) = 1 - P(X > Y).", "",
-                  "| X | Y | Task | Probability | 95% CI |", "|---|---|---|---:|---:|"]
-        lines += [f"| {x} | {y} | {task} | {p:.3f} | {_ci(lo, hi)} |" for x, y, task, p, lo, hi in a.improvements]
+        lines += ["", IMPROVEMENT_CAPTION, "", *markdown_table(improvement_table(a))]
     lines += ["", "Performance profiles (fraction of runs with normalised score > τ, 95% bands): profiles.png, "
                   "profiles.csv."]
     if a.dropped_tasks:
         lines.append(f"Left out (not run by every family compared): {', '.join(a.dropped_tasks)}.")
-    unused = [r for r in rejected if r.family in a.scores and r.env_id in a.tasks]
+    unused = unused_runs(a, rejected)
     if unused:
-        lines += ["", "Not used (not countable):"] + [rejected_line(r, metric) for r in unused]
+        lines += ["", "Not used (not countable):"] + [f"- {rejected_line(r, metric)}" for r in unused]
     return "\n".join(lines) + "\n"
 
 
@@ -668,6 +774,150 @@ def plot_profiles(path: Path, a: Analysis) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The dashboard page (docs/plot_ci.md, "The dashboard"): every env's table, curves and runs' progress, and the
+# aggregates, as one index.html beside the PNGs. Plain HTML and CSS, no script: it opens as a file or through any
+# static server, and with --watch a <meta http-equiv="refresh"> reloads it.
+# ---------------------------------------------------------------------------
+PAGE_STYLE = """
+body { font: 14px/1.45 sans-serif; color: #222; max-width: 1150px; margin: 1.2em auto; padding: 0 1em; }
+h2 { border-bottom: 2px solid #ccc; margin-top: 1.6em; }
+h3 { margin: 1em 0 0.2em; font-size: 15px; }
+table { border-collapse: collapse; margin: 0.4em 0 0.8em; font-size: 13px; }
+th, td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+.swatch { display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.4em; border-radius: 2px; }
+.note { background: #fff7dc; border-left: 3px solid #d9a400; padding: 0.3em 0.7em; }
+.made { color: #555; }
+.runs td:last-child { font-size: 11px; color: #666; word-break: break-all; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
+"""
+
+
+def _text(s: str) -> str:
+    """Escaped text; `code` spans as in the Markdown."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(s))
+
+
+def _swatch(family: str) -> str:
+    return f'<span class="swatch" style="background:{to_hex(family_color(family))}"></span>'
+
+
+def html_table(t: Table, swatch_column=None, css_class=None) -> str:
+    """The table as HTML; the cells of `swatch_column` (family names) start with the family's colour."""
+    def cell(tag, i, text):
+        attr = ' class="num"' if i in t.numeric else ""
+        swatch = _swatch(text) if i == swatch_column and tag == "td" else ""
+        return f"<{tag}{attr}>{swatch}{_text(text)}</{tag}>"
+
+    head = "".join(cell("th", i, h) for i, h in enumerate(t.header))
+    body = "\n".join("<tr>" + "".join(cell("td", i, c) for i, c in enumerate(cells)) + "</tr>" for cells in t.rows)
+    attr = f' class="{css_class}"' if css_class else ""
+    return f"<table{attr}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+def _utc(t: float, fmt: str = "%Y-%m-%d %H:%M UTC") -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime(fmt)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(seconds, 0):.0f} s"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+def run_speed(run: Run) -> float:
+    """Env steps per second of wall time from the first to the last evaluation, evaluations included; nan with fewer
+    than two. eval.csv's wall_time continues across a resume, so time spent preempted does not count."""
+    wall = run.columns.get("wall_time")
+    if wall is None or wall.size < 2 or not wall[-1] > wall[0]:
+        return math.nan
+    return float((run.steps[-1] - run.steps[0]) / (wall[-1] - wall[0]))
+
+
+def progress_table(rows, rejected, min_steps: int, now: float) -> Table:
+    """Per run of these families, countable or not: last step, speed, the ETA to min_steps at that speed, the age of
+    its eval.csv (a run that stopped shows it there, while its ETA stays put), whether it counts."""
+    cells = []
+    for row in rows:
+        runs = [(r, "yes") for r in row.runs]
+        runs += [(r.run, "not yet") for r in rejected if (r.env_id, r.family) == (row.env_id, row.family)]
+        for run, counts in sorted(runs, key=lambda rc: (rc[0].seed, str(rc[0].path))):
+            last, speed = run.last_step, run_speed(run)
+            if last is not None and last >= min_steps:
+                eta = "reached"
+            elif math.isnan(speed) or speed <= 0:
+                eta = DASH
+            else:
+                left = (min_steps - (last or 0)) / speed
+                eta = f"{_duration(left)} ({_utc(now + left)})"
+            cells.append([row.family, str(run.seed), DASH if last is None else f"{last:,}",
+                          DASH if math.isnan(speed) else f"{speed:,.0f}" if speed >= 100 else f"{speed:.1f}", eta,
+                          f"{_duration(now - run.modified)} ago", counts, str(run.path)])
+    return Table(["Family", "Seed", "Last step", "Steps/s", f"ETA to {min_steps:,}", "eval.csv written", "Counts",
+                  "Folder"], cells, (2, 3))
+
+
+def format_page(args, rows, rejected, baselines, descriptions, images, analysis, analysis_error, now) -> str:
+    """index.html. `images` maps each PNG to a digest of its bytes, appended to its address so that a browser
+    reloading the page fetches a redrawn picture instead of its cached copy."""
+    env_ids = sorted({r.env_id for r in rows})
+    img = lambda name, alt: f'<img src="{html.escape(name)}?v={images[name]}" alt="{html.escape(alt)}">'
+    reload = f'<meta http-equiv="refresh" content="{args.watch}">\n' if args.watch else ""
+    sections = [(f"env-{_file_name(e)}", e) for e in env_ids] + ([("aggregates", "Aggregates")] if args.aggregate
+                                                                  or args.compare else [])
+    parts = [
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n{reload}'
+        f"<title>plot_ci.py: {html.escape(', '.join(env_ids))}</title>\n<style>{PAGE_STYLE}</style>\n</head>\n<body>",
+        f"<h1>Families of runs: {html.escape(', '.join(env_ids))}</h1>",
+        f'<p class="made">Made <time datetime="{_utc(now, "%Y-%m-%dT%H:%M:%SZ")}">{_utc(now, "%Y-%m-%d %H:%M:%S UTC")}'
+        f"</time> from the runs below {_text(', '.join(args.dirs))}"
+        + (f"; reloads every {args.watch} s." if args.watch else ".") + "</p>",
+        f"<p>{_text(rule_line(args.metric, args.min_steps, args.g1, args.g2))}</p>",
+        "<nav>" + " · ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in sections) + "</nav>",
+    ]
+    for env_id in env_ids:
+        env_rows = [r for r in rows if r.env_id == env_id]
+        env_rejected = [r for r in rejected if r.env_id == env_id]
+        parts += [f'<section id="env-{_file_name(env_id)}">\n<h2>{html.escape(env_id)}</h2>',
+                  html_table(family_table(env_rows, descriptions), swatch_column=1, css_class="families")]
+        parts += [f'<p class="note"><b>Baseline from dm_control, not from Playground.</b> {_text(n)}. '
+                  f"{_text(DMC_PORT_NOTE)}</p>" for n in dmc_baseline_notes({env_id: baselines.get(env_id, [])})]
+        if env_rejected:
+            parts += [f"<p>{_text(not_countable_caption(args.metric, args.min_steps, args.g1))}</p>",
+                      "<ul>" + "".join(f"<li>{_text(rejected_line(r, args.metric))}</li>" for r in env_rejected)
+                      + "</ul>"]
+        parts += [img(f"curves_{_file_name(env_id)}.png", f"{env_id}: learning curves with 95% bands"),
+                  f"<h3>{html.escape(env_id)}: progress of every run</h3>",
+                  html_table(progress_table(env_rows, env_rejected, args.min_steps, now), swatch_column=0,
+                             css_class="runs"),
+                  "</section>"]
+    if analysis is not None:
+        parts += ['<section id="aggregates">\n<h2>Aggregates across tasks</h2>',
+                  f"<p>{_text(analysis_caption(analysis, args.metric, args.bootstrap_reps, args.bootstrap_seed))}</p>",
+                  html_table(aggregate_table(analysis), swatch_column=0)]
+        if analysis.improvements:
+            parts += [f"<p>{_text(IMPROVEMENT_CAPTION)}</p>", html_table(improvement_table(analysis))]
+        parts += [img("aggregate.png", "aggregates with 95% bootstrap CIs"),
+                  img("profiles.png", "performance profiles with 95% bootstrap bands")]
+        if analysis.dropped_tasks:
+            parts.append(f"<p>Left out (not run by every family compared): {_text(', '.join(analysis.dropped_tasks))}"
+                         f".</p>")
+        unused = unused_runs(analysis, rejected)
+        if unused:
+            parts += ["<p>Not used (not countable):</p>",
+                      "<ul>" + "".join(f"<li>{_text(rejected_line(r, args.metric))}</li>" for r in unused) + "</ul>"]
+        parts.append("</section>")
+    elif analysis_error:
+        parts.append(f'<section id="aggregates">\n<h2>Aggregates across tasks</h2>\n<p class="note">Not computed at '
+                     f"this refresh: {_text(analysis_error)}</p>\n</section>")
+    return "\n".join(parts + ["</body>\n</html>\n"])
+
+
+# ---------------------------------------------------------------------------
 # Writing files: through a temporary file and a rename, so a reader never sees half a file
 # ---------------------------------------------------------------------------
 def write_atomic(path: Path, write) -> None:
@@ -682,7 +932,7 @@ def write_atomic(path: Path, write) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text))
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_csv_rows(path: Path, header, rows) -> None:
@@ -733,7 +983,8 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = ("A run counts when its last eval step >= --min-steps, or earlier once its metric >= --g1; the others "
               "are listed under the table. Writes the table to stdout and ci_table.md, ci_table.csv, "
               "curves_{env}.png and curves_{env}.csv to --out; with --aggregate or --compare also aggregate.md, "
-              "aggregate.csv, improvement.csv, profiles.csv, aggregate.png and profiles.png. Docs: docs/plot_ci.md.")
+              "aggregate.csv, improvement.csv, profiles.csv, aggregate.png and profiles.png; with --html or --watch "
+              "also index.html. Docs: docs/plot_ci.md.")
     p = _Parser(prog="plot_ci.py", description=__doc__, epilog=epilog)
     p.add_argument("dirs", nargs="+", metavar="DIR",
                    help="folders searched recursively for runs (an eval.csv with a sibling args.json)")
@@ -770,6 +1021,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples for --aggregate (default: 50000)")
     p.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED",
                    help="seed of the bootstrap: the same command gives the same intervals (default: 0)")
+    p.add_argument("--describe", metavar="FILE",
+                   help="a .json object or .toml table mapping family -> one line, shown in the tables and the "
+                        "curves' legend")
+    p.add_argument("--html", action="store_true",
+                   help="also write index.html: every env's table, curves and runs' progress (last step, steps/s, "
+                        "ETA to --min-steps) and the aggregates on one page")
+    p.add_argument("--watch", type=_positive_int, metavar="SECONDS",
+                   help="rewrite every output each SECONDS until Ctrl-C, and make the page reload at that period "
+                        "(implies --html)")
     p.add_argument("--out", default=".", help="folder for the tables, pictures and their CSVs (default: .)")
     return p
 
@@ -778,9 +1038,55 @@ def _file_name(env_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", env_id)
 
 
-def run_cli(argv=None) -> str:
-    """Parse, load, summarise, write the outputs; returns the Markdown text. Raises PlotCIError on bad input."""
+def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    args.html = args.html or args.watch is not None
+    return args
+
+
+def read_descriptions(path) -> dict:
+    """--describe FILE: {family: one line of text} from a JSON object or a TOML table, by the file's extension."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlotCIError(f"{path}: --describe file not found") from None
+    except UnicodeDecodeError:
+        raise PlotCIError(f"{path}: --describe file is not UTF-8 text") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlotCIError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    elif path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            raise PlotCIError(f"{path}: reading TOML needs Python 3.11 or later; use a .json file") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise PlotCIError(f"{path}: not valid TOML ({e})") from None
+    else:
+        raise PlotCIError(f"{path}: --describe takes a .json or .toml file")
+    if not isinstance(data, dict):
+        raise PlotCIError(f"{path}: expected an object mapping family -> description, got {type(data).__name__}")
+    for family, line in data.items():
+        if not isinstance(line, str) or "\n" in line.strip():
+            raise PlotCIError(f"{path}: the description of {family!r} is not one line of text")
+    return {family: line.strip() for family, line in data.items()}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()[:10]
+
+
+def write_outputs(args, descriptions, verbose: bool = True) -> str:
+    """Load, summarise, write every output; returns the Markdown text. Raises PlotCIError on bad input.
+    verbose: the notes and the list of files written on stderr (a --watch refresh is silent)."""
+    note = (lambda text: print(f"plot_ci.py: note: {text}", file=sys.stderr)) if verbose else (lambda text: None)
     merges = parse_merges(args.merge)
     runs = load_runs(args.dirs)
     if args.env_id is not None:
@@ -790,19 +1096,28 @@ def run_cli(argv=None) -> str:
             raise PlotCIError(f"no runs of env {args.env_id} below {', '.join(args.dirs)} (found: {', '.join(envs)})")
     unused = sorted(set(merges) - {r.exp_name for r in runs})
     if unused:
-        print(f"plot_ci.py: note: --merge names no run: {', '.join(unused)}", file=sys.stderr)
+        note(f"--merge names no run: {', '.join(unused)}")
     rows, rejected = summarize(runs, args.metric, args.min_steps, args.g1, args.g2, merges)
+    undescribed = sorted(set(descriptions) - {r.family for r in rows})
+    if undescribed:
+        note(f"--describe names no family: {', '.join(undescribed)}")
     env_ids = sorted({r.env_id for r in rows})
     baselines = assign_baselines(args.baseline, env_ids, args.env_id, args.baseline_action_repeat)
-    text = format_markdown(rows, rejected, args.metric, args.min_steps, args.g1, args.g2)
+    text = format_markdown(rows, rejected, args.metric, args.min_steps, args.g1, args.g2, baselines, descriptions)
     # Every analysis runs before any file is written, so bad input leaves no half set of outputs.
-    analysis = None
+    analysis = analysis_error = None
     if args.aggregate or args.compare:
-        analysis = analyse(rows, baselines, [tuple(p) for p in args.compare or ()], args.normalize,
-                           args.bootstrap_reps, args.bootstrap_seed)
-        if analysis.dropped_tasks:
-            print(f"plot_ci.py: note: aggregates leave out {', '.join(analysis.dropped_tasks)} (not run by every "
-                  f"family compared)", file=sys.stderr)
+        try:
+            analysis = analyse(rows, baselines, [tuple(p) for p in args.compare or ()], args.normalize,
+                               args.bootstrap_reps, args.bootstrap_seed)
+        except PlotCIError as e:
+            if not args.watch:
+                raise
+            # A live page keeps its tables while some family still waits for its second countable run.
+            analysis_error = str(e)
+            note(f"no aggregates yet: {e}")
+        if analysis is not None and analysis.dropped_tasks:
+            note(f"aggregates leave out {', '.join(analysis.dropped_tasks)} (not run by every family compared)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -811,7 +1126,7 @@ def run_cli(argv=None) -> str:
     written = ["ci_table.md", "ci_table.csv"]
     for env_id in env_ids:
         env_rows = [r for r in rows if r.env_id == env_id]
-        bands = env_bands(env_rows, baselines.get(env_id, []), args.metric, args.baseline_action_repeat)
+        bands = env_bands(env_rows, baselines.get(env_id, []), args.metric, args.baseline_action_repeat, descriptions)
         name = "curves_" + _file_name(env_id)
         write_curves_csv(out / f"{name}.csv", bands)
         plot_env(out / f"{name}.png", env_id, bands, curve_series(env_rows, args.metric), args.g1, args.g2)
@@ -823,18 +1138,46 @@ def run_cli(argv=None) -> str:
         plot_aggregates(out / "aggregate.png", analysis)
         plot_profiles(out / "profiles.png", analysis)
         text += "\n" + analysis_text
-    print(f"plot_ci.py: wrote {', '.join(written)} in {out}", file=sys.stderr)
+    if args.html:
+        images = {name: _digest(out / name) for name in written if name.endswith(".png")}
+        write_text(out / "index.html", format_page(args, rows, rejected, baselines, descriptions, images, analysis,
+                                                   analysis_error, time.time()))
+        written.append("index.html")
+    if verbose:
+        print(f"plot_ci.py: wrote {', '.join(written)} in {out}", file=sys.stderr)
     return text
 
 
-def main(argv=None) -> int:
-    """CLI entry point: the table on stdout, files in --out; a bad input is one line on stderr and exit code 1."""
+def watch(args, descriptions) -> None:
+    """Rewrite every output each --watch seconds until Ctrl-C or SIGTERM. A refresh that fails (a run folder moved
+    away mid-read, a broken args.json) says so in one line and leaves the previous outputs in place."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: no temporary file left behind
+    print(f"plot_ci.py: rewriting {Path(args.out) / 'index.html'} every {args.watch} s; Ctrl-C stops",
+          file=sys.stderr)
     try:
-        text = run_cli(argv)
+        while True:
+            time.sleep(args.watch)
+            try:
+                write_outputs(args, descriptions, verbose=False)
+            except (PlotCIError, OSError) as e:
+                print(f"plot_ci.py: refresh skipped at {_utc(time.time(), '%H:%M:%S UTC')}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("plot_ci.py: stopped watching", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    """CLI entry point: the table on stdout, files in --out; a bad input is one line on stderr and exit code 1.
+    With --watch the first pass must succeed; later refreshes that fail are reported and retried."""
+    try:
+        args = parse_args(argv)
+        descriptions = read_descriptions(args.describe)
+        text = write_outputs(args, descriptions)
     except (PlotCIError, OSError) as e:
         print(f"plot_ci.py: error: {e}", file=sys.stderr)
         return 1
-    print(text, end="")
+    print(text, end="", flush=True)
+    if args.watch:
+        watch(args, descriptions)
     return 0
 
 

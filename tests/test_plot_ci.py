@@ -316,11 +316,12 @@ def test_curves_csv_has_official_baseline_in_env_steps(runs_root, tmp_path, caps
     assert float(baseline[100_000]["mean"]) == pytest.approx(np.mean(at(100_000)), abs=1e-3)
     assert max(baseline) == 4_000_000
     bands = plot_ci.env_bands([], plot_ci.assign_baselines([official], ["HopperHop"])["HopperHop"], "best-any", 2)
-    assert bands[0].legend == "baseline hopper-hop (agent steps ×2, n=3)"
+    assert bands[0].legend == "baseline hopper-hop (agent steps ×2, n=3)\ndm_control, not Playground: touch readings " \
+                              "differ strongly under MJX"
     assert plot_ci.env_bands([], {}, "best-any", 1) == []
     baselines = plot_ci.assign_baselines([official], ["HopperHop"], action_repeat=1)["HopperHop"]
     bands = plot_ci.env_bands([], baselines, "best-any", 1)
-    assert bands[0].legend == "baseline hopper-hop (env steps, n=3)"
+    assert bands[0].legend.split("\n")[0] == "baseline hopper-hop (env steps, n=3)"
 
 
 def test_run_folder_given_directly_and_runs_without_evaluations(tmp_path, capsys):
