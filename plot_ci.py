@@ -1,6 +1,7 @@
 # plot_ci.py — compare families of runs: the 5-seed table (mean, Student-t 95% CI, G1 hits), learning curves with
 # 95% bands, and with --aggregate the across-task analyses of Agarwal et al. (NeurIPS 2021): IQM, mean, median and
-# optimality gap with stratified bootstrap CIs, probabilities of improvement, performance profiles.
+# optimality gap with stratified bootstrap CIs, probabilities of improvement, performance profiles. With --html all of
+# it on one page with each run's progress, rewritten every few minutes with --watch while the runs go on.
 # Docs: docs/plot_ci.md.
 #
 #   python plot_ci.py runs/ [--metric best-any] [--merge OLD=NEW] [--env-id HopperHop] \
@@ -821,6 +822,8 @@ def _utc(t: float, fmt: str = "%Y-%m-%d %H:%M UTC") -> str:
 
 
 def _duration(seconds: float) -> str:
+    if math.isnan(seconds):
+        return DASH
     if seconds < 60:
         return f"{max(seconds, 0):.0f} s"
     hours, minutes = divmod(round(seconds / 60), 60)
@@ -838,9 +841,13 @@ def run_speed(run: Run) -> float:
     return float((run.steps[-1] - run.steps[0]) / (wall[-1] - wall[0]))
 
 
+STALLED_EVALS = 3  # a run whose eval.csv is older than this many of its evaluation intervals has an ETA "stalled?"
+
+
 def progress_table(rows, rejected, min_steps: int, now: float) -> Table:
     """Per run of these families, countable or not: last step, speed, the ETA to min_steps at that speed, the age of
-    its eval.csv (a run that stopped shows it there, while its ETA stays put), whether it counts."""
+    its eval.csv, whether it counts. A run preempted or crashed below min_steps stops writing, so its ETA would
+    stay put: it reads "stalled?" instead."""
     cells = []
     for row in rows:
         runs = [(r, "yes") for r in row.runs]
@@ -849,13 +856,15 @@ def progress_table(rows, rejected, min_steps: int, now: float) -> Table:
             last, speed = run.last_step, run_speed(run)
             if last is not None and last >= min_steps:
                 eta = "reached"
-            elif math.isnan(speed) or speed <= 0:
+            elif math.isnan(speed) or speed <= 0:  # no rows, or one
                 eta = DASH
+            elif now - run.modified > STALLED_EVALS * (last - run.steps[0]) / (run.steps.size - 1) / speed:
+                eta = "stalled?"
             else:
-                left = (min_steps - (last or 0)) / speed
+                left = (min_steps - last) / speed
                 eta = f"{_duration(left)} ({_utc(now + left)})"
-            cells.append([row.family, str(run.seed), DASH if last is None else f"{last:,}",
-                          DASH if math.isnan(speed) else f"{speed:,.0f}" if speed >= 100 else f"{speed:.1f}", eta,
+            rate = DASH if math.isnan(speed) else f"{speed:,.0f}" if speed >= 100 else f"{speed:.1f}"
+            cells.append([row.family, str(run.seed), DASH if last is None else f"{last:,}", rate, eta,
                           f"{_duration(now - run.modified)} ago", counts, str(run.path)])
     return Table(["Family", "Seed", "Last step", "Steps/s", f"ETA to {min_steps:,}", "eval.csv written", "Counts",
                   "Folder"], cells, (2, 3))
@@ -867,8 +876,9 @@ def format_page(args, rows, rejected, baselines, descriptions, images, analysis,
     env_ids = sorted({r.env_id for r in rows})
     img = lambda name, alt: f'<img src="{html.escape(name)}?v={images[name]}" alt="{html.escape(alt)}">'
     reload = f'<meta http-equiv="refresh" content="{args.watch}">\n' if args.watch else ""
-    sections = [(f"env-{_file_name(e)}", e) for e in env_ids] + ([("aggregates", "Aggregates")] if args.aggregate
-                                                                  or args.compare else [])
+    sections = [(f"env-{_file_name(e)}", e) for e in env_ids]
+    if analysis is not None or analysis_error:
+        sections.append(("aggregates", "Aggregates"))
     parts = [
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n{reload}'
         f"<title>plot_ci.py: {html.escape(', '.join(env_ids))}</title>\n<style>{PAGE_STYLE}</style>\n</head>\n<body>",

@@ -6,6 +6,7 @@ import calendar
 import csv
 import http.server
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 from matplotlib.colors import to_rgb
-from test_plot_ci import WORKED, main_err, main_ok, ramp, table_rows, write_run
+from test_plot_ci import WORKED, main_err, main_ok, ramp, table_rows, write_demo_runs, write_run
 
 import plot_ci
 
@@ -74,6 +75,39 @@ class Page(HTMLParser):
     def made(self) -> int:
         """When the page was made, in Unix seconds."""
         return calendar.timegm(time.strptime(self.text.split('<time datetime="')[1][:20], "%Y-%m-%dT%H:%M:%SZ"))
+
+
+# docs/plot_ci.md, "The dashboard": the synthetic demo runs (made up, not results) as they would stand 40 hours into
+# the experiment, every run started at once, at made-up speeds in env steps per second of wall time.
+LIVE_DEMO_HOURS = 40
+LIVE_DEMO_SPEEDS = {"glass_off_1m": 60.0, "tdmpc2_k128": 70.0, "tdmpc2_k256": 26.0}
+LIVE_DEMO_DESCRIPTIONS = """\
+glass_off_1m = "TD-MPC2 + Glass, Glass off at 1M env steps"
+tdmpc2_k128 = "TD-MPC2, 128 updates per vector step"
+tdmpc2_k256 = "TD-MPC2, 256 updates per vector step: slower"
+"""
+
+
+def write_live_demo_runs(root, now=None) -> Path:
+    """write_demo_runs, then each run cut where it would be after LIVE_DEMO_HOURS at its family's speed (±3% by
+    seed; 90 s to compile before the first evaluation), its wall times and its eval.csv's modification time to
+    match. tdmpc2_k256 is still on its way, and its HopperHop seed 5 stopped at 3M hours ago."""
+    root = write_demo_runs(root)
+    now = time.time() if now is None else now
+    elapsed = LIVE_DEMO_HOURS * 3600.0
+    for eval_csv in sorted(root.glob("*/eval.csv")):
+        run = plot_ci.read_run(eval_csv.parent)
+        speed = LIVE_DEMO_SPEEDS[run.exp_name] * (1 + 0.03 * (run.seed - 3))
+        wall = 90.0 + run.steps / speed
+        keep = wall <= elapsed
+        lines = ["step,wall_time,return_pi,return_mppi"] + [
+            f"{s:.0f},{w:.2f},{pi:g},{mppi:g}" for s, w, pi, mppi in zip(
+                run.steps[keep], wall[keep], run.columns["return_pi"][keep], run.columns["return_mppi"][keep],
+                strict=True)]
+        eval_csv.write_text("\n".join(lines) + "\n")
+        written = now - elapsed + wall[keep][-1]
+        os.utime(eval_csv, (written, written))
+    return root
 
 
 def read_page(out: Path) -> Page:
@@ -281,22 +315,37 @@ CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", 
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install chromium)")
-def test_page_renders_in_headless_chromium(live_root, tmp_path, capsys):
-    """Chromium opens the page as a file and draws it: a screenshot of the size asked for, not blank, and with
-    glass_off_1m's colour in at least as many pixels as curves_HopperHop.png holds (the swatches in the tables add
-    some 500 more), so the picture was drawn on the page."""
+def test_page_renders_in_headless_chromium(tmp_path, capsys):
+    """The docs' dashboard example in Chromium, opened as a file: a screenshot of the size asked for, not blank, and
+    with glass_off_1m's colour in at least as many pixels as curves_HopperHop.png holds (the swatches in the tables
+    add some hundreds more), so the picture was drawn on the page."""
     pytest.importorskip("PIL")
     from PIL import Image
 
-    out = tmp_path / "out"
-    main_ok(capsys, live_root, "--html", "--out", out)
+    runs, out, describe = tmp_path / "live_runs", tmp_path / "dashboard", tmp_path / "families.toml"
+    write_live_demo_runs(runs)
+    describe.write_text(LIVE_DEMO_DESCRIPTIONS)
+    main_ok(capsys, runs, "--env-id", "HopperHop", "--baseline", OFFICIAL / "hopper-hop.csv", "--describe", describe,
+            "--html", "--out", out)
+    # Worked from LIVE_DEMO_*: seed 3 of tdmpc2_k256 runs at 26 steps/s, so in 40 h less 90 s it made 3.74M, evaluated
+    # last at 3.6M, and needs 0.4M / 26 = 15,385 s more; seed 5 at 26 * 1.06 = 27.56 steps/s wrote its 3M row at
+    # 90 + 3M / 27.56 = 108,943 s, 35,057 s (584 min) before the end; seed 1 of glass_off_1m runs at 60 * 0.94.
+    progress = read_page(out).table("env-HopperHop", "Family")
+    assert (progress["tdmpc2_k256", "3"]["Last step"], progress["tdmpc2_k256", "3"]["Steps/s"]) == ("3,600,000", "26.0")
+    assert progress["tdmpc2_k256", "3"]["ETA to 4,000,000"].startswith("4 h 16 min (")
+    assert progress["tdmpc2_k256", "5"]["eval.csv written"] == "9 h 44 min ago"
+    assert progress["tdmpc2_k256", "5"]["ETA to 4,000,000"] == "stalled?"  # 3 of its 200k / 27.56 s = 6 h 3 min
+    assert (progress["glass_off_1m", "1"]["Steps/s"], progress["glass_off_1m", "1"]["ETA to 4,000,000"]) == (
+        "56.4", "reached")
+
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'chr'}",
-                    f"--screenshot={shot}", "--window-size=1200,2400", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1200,1800", "--hide-scrollbars",
                     (out / "index.html").as_uri()], capture_output=True, timeout=120, check=True)
     image = np.asarray(Image.open(shot).convert("RGB"))
-    assert image.shape == (2400, 1200, 3)
-    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 500 and image.std() > 20  # text and pictures, not blank
+    assert image.shape == (1800, 1200, 3)
+    rgb = (image[..., 0].astype(np.int32) << 16) | (image[..., 1].astype(np.int32) << 8) | image[..., 2]
+    assert np.unique(rgb).size > 500 and image.std() > 20  # text and pictures, not blank
     colour = np.array(to_rgb(plot_ci.family_color("glass_off_1m"))) * 255
     count = lambda pixels: int(np.all(np.abs(pixels.astype(float) - colour) <= 2, axis=-1).sum())
     in_png = count(np.asarray(Image.open(out / "curves_HopperHop.png").convert("RGB")))
