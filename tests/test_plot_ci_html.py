@@ -88,12 +88,12 @@ tdmpc2_k256 = "TD-MPC2, 256 updates per vector step: slower"
 """
 
 
-def write_live_demo_runs(root, now=None) -> Path:
+def write_live_demo_runs(root) -> Path:
     """write_demo_runs, then each run cut where it would be after LIVE_DEMO_HOURS at its family's speed (±3% by
     seed; 90 s to compile before the first evaluation), its wall times and its eval.csv's modification time to
     match. tdmpc2_k256 is still on its way, and its HopperHop seed 5 stopped at 3M hours ago."""
     root = write_demo_runs(root)
-    now = time.time() if now is None else now
+    now = time.time()
     elapsed = LIVE_DEMO_HOURS * 3600.0
     for eval_csv in sorted(root.glob("*/eval.csv")):
         run = plot_ci.read_run(eval_csv.parent)
@@ -311,42 +311,58 @@ def test_official_baseline_is_labelled_dm_control(tmp_path, capsys):
     assert plot_ci.env_bands([], baselines, "best-any", 2)[0].legend == "baseline my_walker (agent steps ×2, n=3)"
 
 
+@pytest.fixture(scope="module")
+def live_demo(tmp_path_factory) -> Path:
+    """The page of the docs' dashboard example (docs/plot_ci.md, "The dashboard"), written once for the tests below."""
+    root = tmp_path_factory.mktemp("live_demo")
+    docs = (REPO / "docs" / "plot_ci.md").read_text()
+    assert f"cat > families.toml <<'EOF'\n{LIVE_DEMO_DESCRIPTIONS}EOF\n" in docs  # the docs show this file
+    (root / "families.toml").write_text(LIVE_DEMO_DESCRIPTIONS)
+    write_live_demo_runs(root / "live_runs")
+    args = [root / "live_runs", "--env-id", "HopperHop", "--baseline", OFFICIAL / "hopper-hop.csv", "--describe",
+            root / "families.toml", "--html", "--out", root / "dashboard"]
+    assert plot_ci.main([str(a) for a in args]) == 0
+    return root / "dashboard"
+
+
+def test_live_demo_progress(live_demo):
+    """Speeds, ETAs, ages and the stalled run, worked from LIVE_DEMO_*: seed 3 of tdmpc2_k256 runs at 26 steps/s, so
+    in 40 h less 90 s it made 3.74M, evaluated last at 3.6M and needs 0.4M / 26 = 15,385 s more; seed 5 at
+    26 * 1.06 = 27.56 steps/s wrote its 3M row at 90 + 3M / 27.56 = 108,943 s, 35,057 s (584.3 min) before the end,
+    more than 3 of its evaluation intervals (200k / 27.56 s, 6 h 3 min for 3); seed 1 of glass_off_1m runs at 60 *
+    0.94 and finished."""
+    progress = read_page(live_demo).table("env-HopperHop", "Family")
+    k256 = progress["tdmpc2_k256", "3"]
+    assert (k256["Last step"], k256["Steps/s"], k256["Counts"]) == ("3,600,000", "26.0", "not yet")
+    assert k256["ETA to 4,000,000"].startswith("4 h 16 min (")
+    stopped = progress["tdmpc2_k256", "5"]
+    assert stopped["eval.csv written"] in ("9 h 44 min ago", "9 h 45 min ago")  # + the seconds this test took
+    assert stopped["ETA to 4,000,000"] == "stalled?"
+    assert progress["tdmpc2_k256", "2"]["Counts"] == "yes"  # best-any 537.9 >= G1 before 4M
+    glass = progress["glass_off_1m", "1"]
+    assert (glass["Last step"], glass["Steps/s"], glass["ETA to 4,000,000"]) == ("8,000,000", "56.4", "reached")
+
+
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install chromium)")
-def test_page_renders_in_headless_chromium(tmp_path, capsys):
+def test_page_renders_in_headless_chromium(live_demo, tmp_path):
     """The docs' dashboard example in Chromium, opened as a file: a screenshot of the size asked for, not blank, and
     with glass_off_1m's colour in at least as many pixels as curves_HopperHop.png holds (the swatches in the tables
     add some hundreds more), so the picture was drawn on the page."""
     pytest.importorskip("PIL")
     from PIL import Image
 
-    runs, out, describe = tmp_path / "live_runs", tmp_path / "dashboard", tmp_path / "families.toml"
-    write_live_demo_runs(runs)
-    describe.write_text(LIVE_DEMO_DESCRIPTIONS)
-    main_ok(capsys, runs, "--env-id", "HopperHop", "--baseline", OFFICIAL / "hopper-hop.csv", "--describe", describe,
-            "--html", "--out", out)
-    # Worked from LIVE_DEMO_*: seed 3 of tdmpc2_k256 runs at 26 steps/s, so in 40 h less 90 s it made 3.74M, evaluated
-    # last at 3.6M, and needs 0.4M / 26 = 15,385 s more; seed 5 at 26 * 1.06 = 27.56 steps/s wrote its 3M row at
-    # 90 + 3M / 27.56 = 108,943 s, 35,057 s (584 min) before the end; seed 1 of glass_off_1m runs at 60 * 0.94.
-    progress = read_page(out).table("env-HopperHop", "Family")
-    assert (progress["tdmpc2_k256", "3"]["Last step"], progress["tdmpc2_k256", "3"]["Steps/s"]) == ("3,600,000", "26.0")
-    assert progress["tdmpc2_k256", "3"]["ETA to 4,000,000"].startswith("4 h 16 min (")
-    assert progress["tdmpc2_k256", "5"]["eval.csv written"] == "9 h 44 min ago"
-    assert progress["tdmpc2_k256", "5"]["ETA to 4,000,000"] == "stalled?"  # 3 of its 200k / 27.56 s = 6 h 3 min
-    assert (progress["glass_off_1m", "1"]["Steps/s"], progress["glass_off_1m", "1"]["ETA to 4,000,000"]) == (
-        "56.4", "reached")
-
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'chr'}",
                     f"--screenshot={shot}", "--window-size=1200,1800", "--hide-scrollbars",
-                    (out / "index.html").as_uri()], capture_output=True, timeout=120, check=True)
+                    (live_demo / "index.html").as_uri()], capture_output=True, timeout=120, check=True)
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape == (1800, 1200, 3)
     rgb = (image[..., 0].astype(np.int32) << 16) | (image[..., 1].astype(np.int32) << 8) | image[..., 2]
     assert np.unique(rgb).size > 500 and image.std() > 20  # text and pictures, not blank
     colour = np.array(to_rgb(plot_ci.family_color("glass_off_1m"))) * 255
     count = lambda pixels: int(np.all(np.abs(pixels.astype(float) - colour) <= 2, axis=-1).sum())
-    in_png = count(np.asarray(Image.open(out / "curves_HopperHop.png").convert("RGB")))
+    in_png = count(np.asarray(Image.open(live_demo / "curves_HopperHop.png").convert("RGB")))
     assert in_png > 500 and count(image) >= in_png, (count(image), in_png)
