@@ -9,7 +9,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ def test_smoke_session_measures_or_explains_every_part(tmp_path):
     md = (out / "gpu_session.md").read_text()
     assert "| part | measurement | ms per call / vector step | env steps/s | compile s | memory |" in md
     assert "- device: cpu" in md and "jax " in md and session["meta"]["date"] in md
-    assert sum(line.startswith(("| tdmpc2 |", "| seeds |", "| glass |", "| ppo |")) for line in md.splitlines()) == 11
+    assert sum(line.startswith(("| tdmpc2 |", "| seeds |", "| glass |", "| ppo |")) for line in md.splitlines()) == 12
     assert "Not measured:" in md and "- official:" in md
     for name in ["tdmpc2", "seeds", "glass", "ppo"]:
         assert (out / "parts" / f"{name}.log").is_file()
@@ -151,3 +153,56 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     proc = run("--out", str(tmp_path), *args, timeout=60, cache=False)
     assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "gpu_session.json").exists()
+
+
+class FakeTensor(np.ndarray):
+    def to(self, device):
+        return self
+
+
+class FakeAgent:
+    """What the session calls of an official TDMPC2: update(buffer) and act(obs, t0, eval_mode)."""
+
+    samples, plans = [], []
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def update(self, buffer):
+        FakeAgent.samples.append(buffer.sample())
+
+    def act(self, obs, t0=False, eval_mode=False):
+        FakeAgent.plans.append((obs.shape, t0))
+
+
+class FakeMain(FakeAgent):
+    def _td_target(self, next_z, reward, terminated, task):
+        pass
+
+
+class Fake2023(FakeAgent):
+    def _td_target(self, next_z, reward, task):
+        pass
+
+
+@pytest.mark.parametrize("agent, sample_len", [(FakeMain, 5), (Fake2023, 4)])
+def test_official_calls_feed_each_release_its_own_batch(agent, sample_len):
+    """The glue around the official agent (torch itself is not installed here): the config it gets, the batch it
+    samples (main's has `terminated`), one first plan with t0, and the interleaved timing."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import check_vs_official as C
+
+    torch = SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: False), manual_seed=lambda seed: None,
+                            from_numpy=lambda x: x.view(FakeTensor), zeros_like=np.zeros_like)
+    loaded = SimpleNamespace(torch=torch, module=SimpleNamespace(TDMPC2=agent), common=SimpleNamespace(
+        MODEL_SIZE={1: {"mlp_dim": 384}}), config={"dropout": 0.01, "vmin": -10, "vmax": 10, "num_bins": 101,
+                                                  "batch_size": 8, "horizon": 3})
+    batch = C.make_batch(np.random.default_rng(0), C.official_cfg(loaded, 1))
+    FakeAgent.samples, FakeAgent.plans = [], []
+    update, plan = S.official_calls(C, loaded, 1, batch, compile_=True)
+    result = S.interleaved({"update": update, "plan": plan}, rounds=2)
+    assert [len(s) for s in FakeAgent.samples] == [sample_len] * 5  # 3 warm-up calls, 2 rounds
+    obs, action, reward = FakeAgent.samples[0][:3]
+    assert obs.shape == (4, 8, C.OBS_DIM) and action.shape == (3, 8, C.ACTION_DIM) and reward.shape == (3, 8, 1)
+    assert FakeAgent.plans == [((C.OBS_DIM,), True)] + [((C.OBS_DIM,), False)] * 4
+    assert all(len(r) == 3 and r[0] >= 0 and r[2] <= r[1] for r in result.values())
