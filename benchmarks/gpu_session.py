@@ -614,7 +614,10 @@ def session(cli, sizes: Sizes) -> int:
         raise UserError(f"--deadline-s must be positive, got {deadline_s}")
     out = Path(cli.out)
     parts_dir = out / "parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create {parts_dir} ({e.strerror})") from None
     session = {"meta": {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                         "command": " ".join(["python benchmarks/gpu_session.py", *cli.shown]),
                         "smoke": cli.smoke, "impl": cli.impl, "commit": git_commit(), "host_cpus": os.cpu_count(),

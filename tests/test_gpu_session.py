@@ -148,8 +148,11 @@ def test_markdown_shows_the_official_comparison_and_what_was_skipped():
     (["--parts", "tdmpc3"], "error: unknown part 'tdmpc3'; the parts are tdmpc2, official"),
     (["--official-2023", "/nonexistent"], "error: --official-2023 /nonexistent is not a checkout"),
     (["--deadline-s", "0"], "error: --deadline-s must be positive"),
+    (["--out", "{tmp}/a_file/session"], "error: --out {tmp}/a_file/session: cannot create"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
+    (tmp_path / "a_file").write_text("")
+    args, message = [a.format(tmp=tmp_path) for a in args], message.format(tmp=tmp_path)
     proc = run("--out", str(tmp_path), *args, timeout=60, cache=False)
     assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "gpu_session.json").exists()
