@@ -21,10 +21,11 @@ download() {
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$dir/wheels" "$@"
 }
-# Our scripts: MuJoCo, MJX, Playground, Brax and their small dependencies (the versions pyproject.toml resolves to).
+# Our scripts: MuJoCo, MJX, Playground, Brax and their small dependencies (the versions pyproject.toml resolves to),
+# with jaxopt, lxml and tqdm, which importing the scripts and loading an env also pulls in (not on that machine's list).
 download mujoco==4.0.0 mujoco-core==4.0.0 mujoco-studio==4.0.0 glfw pyopengl mujoco-mjx==3.17.0 playground==0.2.0 \
   brax==0.14.2 ml_collections==1.1.0 tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1 tensorboardX==2.6.5 \
-  trimesh==5.2.0
+  trimesh==5.2.0 jaxopt==0.8.5 lxml==6.1.3 tqdm==4.70.1
 # The official TD-MPC2: current main needs tensordict (0.8.3, the version its Docker file pins; later ones fail in
 # WorldModel.to()), which needs cloudpickle, orjson, importlib_metadata; then the trainer's configuration packages.
 download tensordict==0.8.3 cloudpickle==3.1.3 pyvers==0.2.3 orjson importlib_metadata zipp packaging \
