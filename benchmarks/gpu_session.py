@@ -525,6 +525,16 @@ def part_env(cli, part: str, cache_dir) -> dict:
     return env
 
 
+def stop(proc) -> int:
+    """End a part's process group (it and anything it started): SIGTERM, then SIGKILL after 10 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
 def run_part(cli, part: str, budget: float, parts_dir: Path, cache_dir) -> dict:
     """Run one part in its own process for at most `budget` seconds; returns its record for the session JSON."""
     path, log_path = parts_dir / f"{part}.json", parts_dir / f"{part}.log"
@@ -540,14 +550,10 @@ def run_part(cli, part: str, budget: float, parts_dir: Path, cache_dir) -> dict:
         try:
             rc, timed_out = proc.wait(timeout=budget), False
         except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGTERM)  # the part's own process group: it and anything it started
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            rc = proc.returncode
+            rc, timed_out = stop(proc), True
+        finally:
+            if proc.poll() is None:  # the session itself is being stopped (SIGTERM, Ctrl-C): not a lingering part
+                stop(proc)
     wall = time.perf_counter() - tick
     data = json.loads(path.read_text()) if path.exists() else {"rows": [], "skipped": []}
     record = {"budget_s": round(budget, 1), "wall_s": round(wall, 1), **data}
@@ -625,6 +631,7 @@ def session(cli, sizes: Sizes) -> int:
                         "versions": versions(), "deadline_s": deadline_s, "sizes": dataclasses.asdict(sizes)},
                "parts": {}}
     start = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwinds run_part: its part stops
     with tempfile.TemporaryDirectory(prefix="gpu_session_cache_") as cache_dir:
         for part in PARTS:
             left = deadline_s - (time.perf_counter() - start)
