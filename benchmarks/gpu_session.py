@@ -4,8 +4,8 @@
         --official-main build/gpu/official_main                      # on one GPU (docs/fidelity.md, "GPU session")
     python benchmarks/gpu_session.py --smoke --out /tmp/gpu_smoke    # the same code at tiny sizes on a CPU
 
-Parts, in this order, each in its own process under its own time budget (a stuck compile costs only its part; torch
-and JAX never share a process; each part's peak GPU memory is its own):
+Parts, in this order, each in its own process under its own time budget (a stuck compile costs only its part; each
+part's peak GPU memory is its own; in the official part, where torch and JAX share the GPU, JAX allocates on demand):
 - tdmpc2: raw env stepping; the training chunk at the defaults (--num-envs 256 --k-update 256) and at --k-update 128,
   each as env steps/s and ms per vector step with its compile time; one update; one MPPI plan for 1 and 256 envs
   (HopperHop, model size 5; `tdmpc2_size1` repeats it at size 1 last, if time is left);
