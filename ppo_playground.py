@@ -58,7 +58,12 @@ class Args:
     env_id: str = "CartpoleBalance"
     """DM Control suite environment of MuJoCo Playground"""
     impl: Optional[Literal["jax", "warp"]] = None
-    """MJX backend (default: warp if a GPU is present, else jax)"""
+    """MJX backend (default: warp if a GPU is present, else jax); the two are different simulations"""
+    naconmax: Optional[int] = None
+    """warp only: contact pool shared by all envs of a device (default: Playground's, raised to the same room per
+    env that Playground's own 2048-env batch has)"""
+    njmax: Optional[int] = None
+    """warp only: constraint rows per env (default: Playground's)"""
     run_dir: Optional[str] = None
     """run folder (default: runs/{env_id}__{exp_name}__{seed}__{unix_time}); with several seeds, suffixed __{seed}"""
     save_model: bool = False
@@ -215,6 +220,10 @@ def resolve_args(args: Args) -> Args:
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     if args.impl is None:
         args.impl = "warp" if any(d.platform == "gpu" for d in jax.devices()) else "jax"
+    if args.impl != "warp" and (args.naconmax is not None or args.njmax is not None):
+        raise UserError("--naconmax and --njmax size warp's contact buffers; they apply to --impl warp only")
+    if min(args.naconmax or 0, args.njmax or 0) < 0:
+        raise UserError(f"--naconmax and --njmax must not be negative, got {args.naconmax} and {args.njmax}")
 
     positive = ["num_seeds", "total_steps", "num_envs", "episode_length", "action_repeat", "unroll_length",
                 "batch_size", "num_minibatches", "num_updates_per_batch", "num_evals", "num_eval_envs", "video_every",
@@ -250,17 +259,45 @@ def setup(args: Args):
     """Resolve every run-time value of args once, right after the env loads: (resolved args, env)."""
     args = resolve_args(args)
     env = make_env(args)
-    return dataclasses.replace(args, observation_size=env.observation_size, action_size=env.action_size), env
+    args = dataclasses.replace(args, observation_size=env.observation_size, action_size=env.action_size)
+    if args.impl == "warp":
+        args = dataclasses.replace(args, naconmax=env._config.naconmax, njmax=env._config.njmax)
+    return args, env
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Environment: Playground env, vmapped over num_envs, with Brax's episode wrapper (action repeat, truncation at
 # episode_length) and Playground's auto-reset to the cached first state of each env.
 # ---------------------------------------------------------------------------------------------------------------
+# warp's per-env overflow flags (mujoco_warp's OverflowType). A full contact pool or constraint table drops contacts
+# or rows, so the physics is wrong from then on; the iteration limits only end a step with an unconverged solver,
+# which Playground's ports (few solver iterations, for speed) reach routinely.
+WARP_ITERATION_LIMITS = 1 << 9 | 1 << 10  # ITERATIONS, LS_ITERATIONS
+WARP_CAPACITY = ((1 << 12) - 1) & ~WARP_ITERATION_LIMITS
+PLAYGROUND_BATCH = 2048  # envs of Playground's own DM Control training, for which its naconmax is chosen
+
+
 def make_env(args: Args):
+    """The Playground env. Under warp, all envs of a device (every seed's, training or evaluation) share one contact
+    pool: it is sized to give each env at least the room Playground's own batch gives it."""
     from mujoco_playground import registry  # imported here: importing this file stays cheap
 
-    return registry.load(args.env_id, config_overrides={"impl": args.impl})
+    overrides = {"impl": args.impl}
+    if args.impl == "warp":
+        import warp
+
+        warp.config.log_level = warp.LOG_WARNING  # no line per kernel module loaded; warnings still print
+        default = registry.get_default_config(args.env_id)
+        worlds = max(args.num_envs, 2 * args.num_eval_envs) * max(1, args.num_seeds // jax.device_count())
+        per_env = math.ceil(default.naconmax / PLAYGROUND_BATCH)
+        overrides["naconmax"] = args.naconmax if args.naconmax is not None else max(default.naconmax, per_env * worlds)
+        overrides["njmax"] = args.njmax if args.njmax is not None else default.njmax
+    env = registry.load(args.env_id, config_overrides=overrides)
+    if args.impl == "warp":  # iteration limits are counted and reported once by us, not printed per env step
+        opt = env._mjx_model.opt
+        env._mjx_model = env._mjx_model.replace(opt=opt.replace(_impl=opt._impl.replace(
+            warn_overflow=opt._impl.warn_overflow & ~WARP_ITERATION_LIMITS)))
+    return env
 
 
 @struct.dataclass
@@ -278,6 +315,7 @@ class StepOut:
     done: jax.Array
     truncation: jax.Array
     finished_return: jax.Array  # return of the episode that ended at this step, else 0
+    warp_flags: Optional[jax.Array] = None  # warp only: each env's overflow flags of this step
 
 
 def env_reset(env, key: jax.Array, num: int) -> EnvState:
@@ -299,6 +337,9 @@ def env_step(env, args: Args, state: EnvState, action: jax.Array, reset_done: bo
         return inner, inner.reward
 
     inner = state.inner.replace(done=jnp.zeros_like(state.inner.done))
+    if args.impl == "warp":  # warp's overflow flags are sticky: cleared here, so that they say what this step did
+        inner = inner.replace(data=inner.data.replace(_impl=inner.data._impl.replace(
+            overflow=jnp.zeros_like(inner.data._impl.overflow))))
     if args.action_repeat == 1:
         inner, reward = physics_step(inner, None)
     else:  # like Brax, the inner env keeps stepping even if it is done in the middle of the repeat
@@ -310,16 +351,17 @@ def env_step(env, args: Args, state: EnvState, action: jax.Array, reset_done: bo
     truncation = jnp.where(timeout, 1.0 - inner.done, 0.0)
     episode_return = state.episode_return + reward
 
-    def where_done(first, x):
-        return jnp.where(done.reshape(done.shape + (1,) * (x.ndim - 1)) > 0, first, x)
+    def where_done(d, first_data, first_obs, data, obs):  # one env; MJX's Data.where, as warp's Data holds a
+        return data.where(d, first_data), jax.tree.map(lambda a, b: jnp.where(d, a, b), first_obs, obs)  # shared pool
 
+    warp_flags = inner.data._impl.overflow if args.impl == "warp" else None  # read before a reset clears them
     if reset_done:
-        inner = inner.replace(data=jax.tree.map(where_done, state.first_data, inner.data),
-                              obs=where_done(state.first_obs, inner.obs))
+        data, obs = jax.vmap(where_done)(done > 0, state.first_data, state.first_obs, inner.data, inner.obs)
+        inner = inner.replace(data=data, obs=obs)
     inner = inner.replace(reward=reward, done=done)
     new_state = state.replace(
         inner=inner, steps=jnp.where(done > 0, 0, steps), episode_return=jnp.where(done > 0, 0.0, episode_return))
-    return new_state, StepOut(reward, done, truncation, episode_return * done)
+    return new_state, StepOut(reward, done, truncation, episode_return * done, warp_flags)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -528,6 +570,8 @@ def actor_step(env, args: Args, params, normalizer, env_state: EnvState, key):
         truncation=step.truncation,
         finished_return=step.finished_return,
     )
+    if step.warp_flags is not None:
+        transition["warp_flags"] = step.warp_flags
     return env_state, transition
 
 
@@ -572,6 +616,7 @@ def training_iteration(env, args: Args, ts: PPOState) -> tuple[PPOState, dict]:
     key, k_rollout, k_sgd = jax.random.split(ts.key, 3)
     env_state, data = collect_rollout(env, args, ts, k_rollout)
     finished_return, done = data.pop("finished_return"), data["done"]
+    warp_flags = data.pop("warp_flags", None)
     # The rollout used the old normaliser; the SGD uses the one updated with this iteration's observations.
     normalizer = update_normalizer(ts.normalizer, data["obs"]) if args.normalize_observations else ts.normalizer
     epoch = functools.partial(sgd_epoch, args, normalizer, data)
@@ -580,6 +625,10 @@ def training_iteration(env, args: Args, ts: PPOState) -> tuple[PPOState, dict]:
     metrics = jax.tree.map(jnp.mean, losses)
     metrics["episodes"] = done.sum()
     metrics["episodic_return"] = finished_return.sum() / jnp.maximum(done.sum(), 1.0)
+    if warp_flags is not None:  # any capacity overflow of the rollout; the share of env steps left unconverged
+        metrics["warp_overflow"] = jax.lax.reduce(warp_flags.reshape(-1) & WARP_CAPACITY, np.int32(0),
+                                                  jax.lax.bitwise_or, (0,))
+        metrics["warp_unconverged"] = jnp.mean(warp_flags & WARP_ITERATION_LIMITS > 0)
     ts = PPOState(
         params=sgd_state.params,
         opt_state=sgd_state.opt_state,
@@ -703,7 +752,8 @@ def train(args: Args) -> list[Path]:
         resume_step, loop = 0, dict(iteration=0, train_time=0.0, wall_time=0.0)
         keys = seed_sharded(mesh, np.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]))
         carry = over_seeds(functools.partial(init_carry, env, args), mesh)(keys)
-    print(f"{args.env_id}: {args.num_iterations} iterations x {args.steps_per_iteration:,} env steps = "
+    backend = args.impl if args.impl != "warp" else f"warp, naconmax {args.naconmax}, njmax {args.njmax}"
+    print(f"{args.env_id} ({backend}): {args.num_iterations} iterations x {args.steps_per_iteration:,} env steps = "
           f"{args.total_steps_resolved:,} env steps (requested {args.total_steps:,}; --step-rounding "
           f"{args.step_rounding}); {len(args.eval_steps)} evaluations; hard reset every "
           f"{args.iterations_per_epoch} iteration(s)" + ("" if args.num_resets_per_eval > 0 else " disabled") +
@@ -767,6 +817,7 @@ def train(args: Args) -> list[Path]:
     if first == 1 and 0 in args.eval_steps:
         run_eval(0, 0)
     train_time, last_print, loop_start, stopped = loop["train_time"], 0.0, time.time(), False
+    warned = set()  # warnings printed once per run
     for iteration in range(first, args.num_iterations + 1):
         t0 = time.time()
         ts, metrics = iteration_fn(ts)
@@ -778,7 +829,10 @@ def train(args: Args) -> list[Path]:
         step = iteration * args.steps_per_iteration
         sps = step / max(train_time, 1e-9)  # per seed, compile excluded (compiled ahead of time)
         for i, seed_metrics in metrics.items():
+            check_warp_flags(seed_metrics, step, args, i, warned)
             writers[i].add_scalar("charts/SPS", sps, step)
+            if "warp_unconverged" in seed_metrics:
+                writers[i].add_scalar("charts/warp_unconverged", float(seed_metrics["warp_unconverged"]), step)
             for name in LOSS_NAMES:
                 writers[i].add_scalar(f"losses/{name}", float(seed_metrics[name]), step)
             if seed_metrics["episodes"] > 0:
@@ -876,11 +930,26 @@ def over_seeds(fn, mesh, in_axes=0, donate: bool = False):
         if seeds == {1}:
             squeezed = [x if a is None else jax.tree.map(lambda y: y[0], x) for x, a in zip(xs, axes, strict=True)]
             return jax.tree.map(lambda y: y[None], fn(*squeezed))
-        return jax.vmap(fn, in_axes=axes)(*xs)
+        # warp's shared leaves (contact pool) get no seed axis inside vmap; outside, every leaf has one
+        (num,) = seeds
+        xs = [x if a is None else tree_map_shared(lambda y: y[0], x) for x, a in zip(xs, axes, strict=True)]
+        return tree_map_shared(lambda y: jnp.broadcast_to(y, (num, *y.shape)), jax.vmap(fn, in_axes=axes)(*xs))
 
     in_specs = tuple(P() if a is None else P("seed") for a in in_axes) if isinstance(in_axes, tuple) else P("seed")
     sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P("seed"), check_vma=False)
     return jax.jit(sharded, donate_argnums=0 if donate else ())
+
+
+def tree_map_shared(fn, tree):
+    """`fn` applied to the leaves of warp's Data that all envs of a batch share (its contact pool and counters, which
+    vmap passes through unbatched); the other leaves unchanged."""
+    from mujoco.mjx.warp.types import DATA_NON_VMAP
+
+    def leaf(path, x):
+        names = [getattr(key, "name", None) for key in path]
+        return fn(x) if names[-2:-1] == ["_impl"] and names[-1] in DATA_NON_VMAP else x
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 def local_seed_rows(tree) -> dict:
@@ -1168,6 +1237,24 @@ def stop_on_signals() -> tuple[list, dict]:
         print("signal received: finishing the current iteration", flush=True)
 
     return received, {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def check_warp_flags(metrics: dict, step: int, args: Args, seed_index: int, warned: set):
+    """Stop at a warp capacity overflow (contacts or constraint rows were dropped: the physics is wrong from then on);
+    say once that the solver hit its iteration limit (a step ends unconverged, as Playground's settings allow)."""
+    if "warp_overflow" not in metrics:
+        return
+    seed = f" (seed {args.seed + seed_index})" if args.num_seeds > 1 else ""
+    if bits := int(metrics["warp_overflow"]):
+        what = (f"constraint rows (raise --njmax, now {args.njmax} per env)" if bits & 3 else
+                f"contacts (raise --naconmax, now {args.naconmax} for all envs of a device)")
+        raise UserError(f"warp overflow (flags {bits:#x}) in the iteration ending at env step {step}{seed}: the env "
+                        f"batch ran out of room for {what}; stopping (checkpoints written so far are intact)")
+    if "unconverged" not in warned and metrics["warp_unconverged"] > 0:
+        warned.add("unconverged")
+        print(f"note: warp's constraint solver hit its iteration limit in {float(metrics['warp_unconverged']):.1%} "
+              f"of this iteration's agent steps{seed}; such steps end unconverged, as Playground's solver settings "
+              "allow (logged as charts/warp_unconverged; docs/tdmpc2.md#mjx-backends-jax-and-warp)", flush=True)
 
 
 def first_line(error: Exception) -> str:

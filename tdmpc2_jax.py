@@ -81,7 +81,12 @@ class Args:
     episode_length: Optional[int] = None
     """episode length in env steps (unset = the environment's own, 1000 for DM Control)"""
     impl: Optional[Literal["jax", "warp"]] = None
-    """MJX backend (unset = warp when a GPU is present, jax otherwise)"""
+    """MJX backend (unset = warp when a GPU is present, jax otherwise); the two are different simulations"""
+    naconmax: Optional[int] = None
+    """warp only: contact pool shared by all envs of a device (unset = Playground's, raised to the same room per env
+    that Playground's own 2048-env batch has)"""
+    njmax: Optional[int] = None
+    """warp only: constraint rows per env (unset = Playground's)"""
     seed_steps: Optional[int] = None
     """env steps of uniform random actions before training, rounded up to whole vector steps
     (unset = max(1000, 5 episodes) agent steps, official)"""
@@ -192,7 +197,18 @@ def default_impl() -> str:
     return "warp" if any(d.platform == "gpu" for d in jax.devices()) else "jax"
 
 
-def load_env(env_id: str, impl: Optional[str], episode_length: Optional[int] = None):
+# warp's per-env overflow flags (mujoco_warp's OverflowType). A full contact pool or constraint table drops contacts
+# or rows, so the physics is wrong from then on; the iteration limits only end a step with an unconverged solver,
+# which Playground's ports (few solver iterations, for speed) reach routinely.
+WARP_ITERATION_LIMITS = 1 << 9 | 1 << 10  # ITERATIONS, LS_ITERATIONS
+WARP_CAPACITY = ((1 << 12) - 1) & ~WARP_ITERATION_LIMITS
+PLAYGROUND_BATCH = 2048  # envs of Playground's own DM Control training, for which its naconmax is chosen
+
+
+def load_env(env_id: str, impl: Optional[str], episode_length: Optional[int] = None, worlds: int = 1,
+             naconmax: Optional[int] = None, njmax: Optional[int] = None):
+    """The Playground env. Under warp, `worlds` envs (all seeds of one device) share one contact pool: it is sized
+    to give each env at least the room Playground's own batch gives it."""
     from mujoco_playground import registry  # imported here so that importing this file stays cheap
 
     if env_id not in registry.ALL_ENVS:
@@ -201,7 +217,22 @@ def load_env(env_id: str, impl: Optional[str], episode_length: Optional[int] = N
     overrides = {"impl": impl or default_impl()}
     if episode_length is not None:
         overrides["episode_length"] = episode_length
-    return registry.load(env_id, config_overrides=overrides)
+    if min(naconmax or 0, njmax or 0) < 0:
+        raise UserError(f"--naconmax and --njmax must not be negative, got {naconmax} and {njmax}")
+    if overrides["impl"] == "warp":
+        import warp
+
+        warp.config.log_level = warp.LOG_WARNING  # no line per kernel module loaded; warnings still print
+        default = registry.get_default_config(env_id)
+        per_env = math.ceil(default.naconmax / PLAYGROUND_BATCH)
+        overrides["naconmax"] = naconmax if naconmax is not None else max(default.naconmax, per_env * worlds)
+        overrides["njmax"] = njmax if njmax is not None else default.njmax
+    env = registry.load(env_id, config_overrides=overrides)
+    if overrides["impl"] == "warp":  # iteration limits are counted and reported once by us, not printed per env step
+        opt = env._mjx_model.opt
+        env._mjx_model = env._mjx_model.replace(opt=opt.replace(_impl=opt._impl.replace(
+            warn_overflow=opt._impl.warn_overflow & ~WARP_ITERATION_LIMITS)))
+    return env
 
 
 def observation(env_state) -> jax.Array:
@@ -215,6 +246,17 @@ def finite_or_zero(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
+def where_done(done: jax.Array, fresh, state):
+    """Per env, the Playground state `fresh` where `done`, else `state`. The physics is merged with MJX's Data.where
+    (per env, under vmap): warp's Data holds a contact pool shared by the whole batch, without a per-env axis."""
+
+    def one_env(d, new, old):
+        rest = jax.tree.map(lambda a, b: jnp.where(d, a, b), new.replace(data=None), old.replace(data=None))
+        return rest.replace(data=old.data.where(d, new.data))
+
+    return jax.vmap(one_env)(done, fresh, state)
+
+
 class VectorEnv:
     """`num` copies of a Playground env; one `step` is one agent step of `action_repeat` env steps."""
 
@@ -226,12 +268,19 @@ class VectorEnv:
         self.obs_dim = int(np.prod(observation(jax.eval_shape(env.reset, jax.random.key(0))).shape))
         self.action_dim = env.action_size
         self.max_agent_steps = math.ceil(self.episode_length / action_repeat)
+        self.naconmax = env._config.naconmax if self.impl == "warp" else None
+        self.njmax = env._config.njmax if self.impl == "warp" else None
 
     def reset(self, key: jax.Array, num: int):
         return jax.vmap(self.env.reset)(jax.random.split(key, num))
 
     def step(self, env_state, action: jax.Array):
-        """Repeat `action`; returns the new state, the summed reward and whether the env signalled done."""
+        """Repeat `action`; returns the new state, the summed reward and whether the env signalled done. Under warp
+        the state's overflow flags are those of this agent step alone (`warp_flags`)."""
+        if self.impl == "warp":  # the flags are sticky: cleared here, so that they say what this step did
+            data = env_state.data
+            env_state = env_state.replace(data=data.replace(_impl=data._impl.replace(
+                overflow=jnp.zeros_like(data._impl.overflow))))
 
         def one_env(state, act):
             def repeat(carry, _):
@@ -246,14 +295,22 @@ class VectorEnv:
 
         return jax.vmap(one_env)(env_state, action)
 
+    def warp_flags(self, env_state) -> dict:
+        """Under warp, what the last step did to the physics: any capacity overflow (its flags, or-ed over envs) and
+        how many envs hit a solver iteration limit; empty under jax."""
+        if self.impl != "warp":
+            return {}
+        flags = env_state.data._impl.overflow
+        return {"warp_overflow": jax.lax.reduce(flags & WARP_CAPACITY, np.int32(0), jax.lax.bitwise_or, (0,)),
+                "warp_unconverged": jnp.sum(flags & WARP_ITERATION_LIMITS > 0)}
+
     def reset_where(self, env_state, finished: jax.Array, key: jax.Array):
-        """Fresh random initial states for finished envs; skipped when none finished (DMC episodes end together)."""
-
-        def reset_finished():
-            fresh = self.reset(key, finished.shape[0])
-            pick = lambda new, old: jnp.where(finished.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
-            return jax.tree.map(pick, fresh, env_state)
-
+        """Fresh random initial states for finished envs; skipped when none finished (DMC episodes end together).
+        Under warp the reset runs at every step: its kernels cannot sit in a lax.cond that vmap (over seeds) turns
+        into a select (JAX's custom_vmap refuses the batched constants)."""
+        reset_finished = lambda: where_done(finished, self.reset(key, finished.shape[0]), env_state)
+        if self.impl == "warp":
+            return reset_finished()
         return jax.lax.cond(finished.any(), reset_finished, lambda: env_state)
 
 
@@ -271,6 +328,8 @@ def resolve_args(args: Args, venv) -> Args:
     max_agent_steps) and refuse impossible settings, before anything is compiled."""
     if args.model_size not in MODEL_SIZES:
         raise UserError(f"--model-size must be one of {sorted(MODEL_SIZES)}, got {args.model_size}")
+    if venv.impl != "warp" and (args.naconmax is not None or args.njmax is not None):
+        raise UserError("--naconmax and --njmax size warp's contact buffers; they apply to --impl warp only")
     enc, mlp, latent, layers, num_q = MODEL_SIZES[args.model_size]
     fill = lambda value, default: default if value is None else value
     env_steps_per_vector_step = args.num_envs * args.action_repeat
@@ -279,6 +338,8 @@ def resolve_args(args: Args, venv) -> Args:
     args = dataclasses.replace(
         args,
         impl=venv.impl,
+        naconmax=getattr(venv, "naconmax", None),
+        njmax=getattr(venv, "njmax", None),
         episode_length=venv.episode_length,
         enc_dim=fill(args.enc_dim, enc),
         mlp_dim=fill(args.mlp_dim, mlp),
@@ -873,7 +934,8 @@ class Trainer:
 
         episode_return = carry.episode_return + reward
         finished = terminated | (carry.episode_step + 1 >= venv.max_agent_steps)
-        stats = {"returns_sum": jnp.sum(jnp.where(finished, episode_return, 0.0)), "episodes": finished.sum()}
+        stats = {"returns_sum": jnp.sum(jnp.where(finished, episode_return, 0.0)), "episodes": finished.sum(),
+                 **venv.warp_flags(env_state)}
         num_updates = updates_at(carry.vector_step, self.seed_vector_steps, args)
         agent, info = self.run_updates(carry.agent, buffer, k_update, num_updates)
         carry = TrainCarry(
@@ -949,7 +1011,9 @@ def train(args: Args) -> list[Path]:
         args, run_dirs = resume_config(args)
     if args.capture_video and sys.platform == "linux":
         os.environ.setdefault("MUJOCO_GL", "egl")  # Mesa's EGL renders without a display, on CPU-only machines too
-    venv = VectorEnv(load_env(args.env_id, args.impl, args.episode_length), args.action_repeat)
+    worlds = max(args.num_envs, 2 * args.eval_episodes) * max(1, args.num_seeds // jax.device_count())
+    env = load_env(args.env_id, args.impl, args.episode_length, worlds, args.naconmax, args.njmax)
+    venv = VectorEnv(env, args.action_repeat)
     args = resolve_args(args, venv)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(args), indent=2))
@@ -984,20 +1048,22 @@ def train(args: Args) -> list[Path]:
         if loop["step"] >= args.total_steps:
             raise UserError(f"--resume: the run already reached step {loop['step']:,}; pass a larger --total-steps "
                             "to extend it")
-        print(f"resumed from step {loop['step']}", flush=True)
     runs.open(resume_step=loop["step"] if args.resume else None)
     print(
-        f"{args.env_id} ({args.impl}): obs {venv.obs_dim}, action {venv.action_dim}, discount {args.discount:.4f}; "
-        f"{env_steps_per_vector_step} env steps per vector step, {args.k_update} updates each; "
+        f"{args.env_id} ({backend(args)}): obs {venv.obs_dim}, action {venv.action_dim}, discount "
+        f"{args.discount:.4f}; {env_steps_per_vector_step} env steps per vector step, {args.k_update} updates each; "
         f"{args.seed_steps} seed steps, then {args.pretrain_updates} updates; {seeds_on_devices(args, mesh)}; "
         f"run folder{'s' if len(runs.dirs) > 1 else ''} {', '.join(map(str, runs.dirs))}",
         flush=True,
     )
+    if args.resume is not None:
+        print(f"resumed from step {loop['step']}", flush=True)
 
     start_time = time.time() - loop["wall_time"]
     start_step = step = loop["step"]
     timed_steps, timed_seconds = 0, 0.0  # SPS and ETA count training chunks only (not seeding, not the compile)
     stop = StopSignal()
+    warned = set()  # warnings printed once per run
     try:
         while True:
             finished = step >= args.total_steps
@@ -1027,7 +1093,8 @@ def train(args: Args) -> list[Path]:
             carry, (stats, info) = train_chunk(carry)
             per_seed = {i: jax.device_get(row) for i, row in local_seed_rows((stats, info)).items()}  # waits
             chunk_start, step = step, step + chunk_vector_steps * env_steps_per_vector_step
-            for i, (_, seed_info) in per_seed.items():
+            for i, (seed_stats, seed_info) in per_seed.items():
+                check_warp_flags(seed_stats, chunk_start, args, i, warned)
                 if (bad := first_nonfinite(seed_info)) is not None:
                     name, index = bad
                     seed = f" (seed {args.seed + i})" if args.num_seeds > 1 else ""
@@ -1111,11 +1178,26 @@ def over_seeds(fn, mesh, in_axes=0, donate: bool = False):
         if seeds == {1}:
             squeezed = [x if a is None else jax.tree.map(lambda y: y[0], x) for x, a in zip(xs, axes, strict=True)]
             return jax.tree.map(lambda y: y[None], fn(*squeezed))
-        return jax.vmap(fn, in_axes=axes)(*xs)
+        # warp's shared leaves (contact pool) get no seed axis inside vmap; outside, every leaf has one
+        (num,) = seeds
+        xs = [x if a is None else tree_map_shared(lambda y: y[0], x) for x, a in zip(xs, axes, strict=True)]
+        return tree_map_shared(lambda y: jnp.broadcast_to(y, (num, *y.shape)), jax.vmap(fn, in_axes=axes)(*xs))
 
     in_specs = tuple(P() if a is None else P("seed") for a in in_axes) if isinstance(in_axes, tuple) else P("seed")
     sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P("seed"), check_vma=False)
     return jax.jit(sharded, donate_argnums=0 if donate else ())
+
+
+def tree_map_shared(fn, tree):
+    """`fn` applied to the leaves of warp's Data that all envs of a batch share (its contact pool and counters, which
+    vmap passes through unbatched); the other leaves unchanged."""
+    from mujoco.mjx.warp.types import DATA_NON_VMAP
+
+    def leaf(path, x):
+        names = [getattr(key, "name", None) for key in path]
+        return fn(x) if names[-2:-1] == ["_impl"] and names[-1] in DATA_NON_VMAP else x
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 def local_seed_rows(tree) -> dict:
@@ -1206,6 +1288,9 @@ class SeedRuns:
                 writer.add_scalar("charts/SPS", sps, step)
             if episodes := int(stats["episodes"].sum()):
                 writer.add_scalar("charts/episodic_return", float(stats["returns_sum"].sum()) / episodes, step)
+            if "warp_unconverged" in stats:
+                writer.add_scalar("charts/warp_unconverged", float(stats["warp_unconverged"].mean()) /
+                                  self.args.num_envs, step)
             for name, values in info.items():
                 if training.any():
                     writer.add_scalar(f"losses/{name}", float(np.mean(values[training])), step)
@@ -1493,6 +1578,33 @@ def first_line(error: Exception) -> str:
     """An exception as one short line, for one-line warnings and errors."""
     text = str(error).strip()
     return text.splitlines()[0][:150] if text else type(error).__name__
+
+
+def backend(args: Args) -> str:
+    """'jax', or 'warp, naconmax 50000, njmax 50': the backend a run used, for its first printed line."""
+    return args.impl if args.impl != "warp" else f"warp, naconmax {args.naconmax}, njmax {args.njmax}"
+
+
+def check_warp_flags(stats: dict, chunk_start: int, args: Args, seed_index: int, warned: set):
+    """Stop at a warp capacity overflow (contacts or constraint rows were dropped: the physics is wrong from then on);
+    say once that the solver hit its iteration limit (a step ends unconverged, as Playground's settings allow)."""
+    if "warp_overflow" not in stats:
+        return
+    seed = f" (seed {args.seed + seed_index})" if args.num_seeds > 1 else ""
+    env_steps_per_vector_step = args.num_envs * args.action_repeat
+    if (overflowed := np.flatnonzero(stats["warp_overflow"])).size:
+        index = int(overflowed[0])
+        bits, at_step = int(stats["warp_overflow"][index]), chunk_start + (index + 1) * env_steps_per_vector_step
+        what = (f"constraint rows (raise --njmax, now {args.njmax} per env)" if bits & 3 else
+                f"contacts (raise --naconmax, now {args.naconmax} for all envs of a device)")
+        raise UserError(f"warp overflow (flags {bits:#x}) at env step {at_step}{seed}: the env batch ran out of room "
+                        f"for {what}; stopping (checkpoints written so far are intact)")
+    if "unconverged" not in warned and stats["warp_unconverged"].any():
+        warned.add("unconverged")
+        share = stats["warp_unconverged"].mean() / args.num_envs
+        print(f"note: warp's constraint solver hit its iteration limit in {share:.1%} of this chunk's agent steps"
+              f"{seed}; such steps end unconverged, as Playground's solver settings allow (logged as "
+              "charts/warp_unconverged; docs/tdmpc2.md#mjx-backends-jax-and-warp)", flush=True)
 
 
 def first_nonfinite(info: dict) -> Optional[tuple[str, int]]:
