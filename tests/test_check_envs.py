@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import REPO, run_script
 
 spec = importlib.util.spec_from_file_location("check_envs", REPO / "benchmarks/check_envs.py")
