@@ -164,19 +164,12 @@ def xla_bytes(compiled):
 
 
 def timed(fn, *args, repeats: int):
-    """(first call s, median s, min s) of fn(*args), waiting for its outputs."""
-    import jax
-    import numpy as np
+    """(first call s, median s, min s) of fn(*args): bench_scale.py's timer, imported only where a part runs (it
+    imports JAX and our script)."""
+    sys.path.insert(0, str(HERE))
+    from bench_scale import timed as bench_scale_timed
 
-    tick = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - tick
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - tick)
-    return first, float(np.median(times)), float(np.min(times))
+    return bench_scale_timed(fn, *args, repeats=repeats)
 
 
 def call_row(name: str, result, **extra) -> dict:
