@@ -5,10 +5,12 @@ rows per env).
 Per task, a batch of `--num-envs` envs runs `--steps` env steps under uniform random actions (resetting envs as
 their episodes end) with capacities far above Playground's, and records the peak contacts per env and the peak
 constraint rows of one env. The table then gives the naconmax a batch of 256 envs and of 5 x 256 needs at that peak
-against Playground's value. Runs on warp's CPU device (slow: keep the batch small; the peaks are per env, so they do
-not depend on the batch size).
+against Playground's value. Runs on warp's CPU device (slow: keep the batch small and run one task per process; the peaks
+are per env, so they do not depend on the batch size).
 
-    python benchmarks/warp_contacts.py --tasks HopperHop WalkerWalk CheetahRun FingerSpin --num-envs 8 --steps 200
+    for task in HopperHop WalkerWalk CheetahRun FingerSpin; do
+        python benchmarks/warp_contacts.py --tasks $task --num-envs 8 --steps 200
+    done
 """
 
 import argparse
@@ -20,11 +22,16 @@ import numpy as np
 
 
 def measure(env_id: str, num_envs: int, steps: int, seed: int) -> dict:
+    import warp
     from mujoco_playground import registry
 
+    warp.config.log_level = warp.LOG_WARNING  # no line per kernel module loaded
     default = registry.get_default_config(env_id)
     # Room for every contact: the measurement must not overflow itself.
     env = registry.load(env_id, config_overrides={"impl": "warp", "naconmax": 200 * num_envs, "njmax": 400})
+    opt = env._mjx_model.opt  # warp's per-env printf for solver iteration limits (1 << 9, 1 << 10) would flood
+    env._mjx_model = env._mjx_model.replace(opt=opt.replace(_impl=opt._impl.replace(
+        warn_overflow=opt._impl.warn_overflow & ~(1 << 9 | 1 << 10))))
 
     def run(key):
         k_reset, k_steps = jax.random.split(key)
