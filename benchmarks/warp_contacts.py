@@ -5,8 +5,8 @@ rows per env).
 Per task, a batch of `--num-envs` envs runs `--steps` env steps under uniform random actions (resetting envs as
 their episodes end) with capacities far above Playground's, and records the peak contacts per env and the peak
 constraint rows of one env. The table then gives the naconmax a batch of 256 envs and of 5 x 256 needs at that peak
-against Playground's value. Runs on warp's CPU device (slow: keep the batch small and run one task per process; the peaks
-are per env, so they do not depend on the batch size).
+against Playground's value. Runs on warp's CPU device (slow: keep the batch small and run one task per process;
+the peaks are per env, so they do not depend on the batch size).
 
     for task in HopperHop WalkerWalk CheetahRun FingerSpin; do
         python benchmarks/warp_contacts.py --tasks $task --num-envs 8 --steps 200
