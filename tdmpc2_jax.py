@@ -1600,8 +1600,6 @@ class Videos:
             print(f"warning: --capture-video: no OpenGL backend works (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
                   f"{first_line(e)}); training goes on without video", flush=True)
             return None
-        import shutil
-
         import imageio_ffmpeg
         import mediapy
 

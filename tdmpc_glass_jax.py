@@ -12,10 +12,13 @@ Every formula, the recipes of the predecessor runs and the logged metrics: docs/
 """
 
 import dataclasses
+import errno
 import io
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,42 +40,13 @@ from flax import struct
 
 @dataclass
 class Args:
-    """The whole configuration. Fields left unset are filled in at run time by `resolve_args`, right after the env
-    loads; `args.json` and `--dry-run` show the resolved values."""
+    """The whole configuration: the training fields, then the run flags. Fields left unset are filled in at run time
+    by `resolve_args`, right after the env loads; `args.json` and `--dry-run` show the resolved values."""
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run folder's name)"""
-    seed: int = 1
-    """RNG seed of the run"""
     env_id: str = "HopperHop"
     """MuJoCo Playground environment id (DM Control suite names such as HopperHop, CartpoleBalance)"""
-    num_seeds: int = 1
-    """seeds seed, seed+1, ... trained together in one jitted program, laid over every device; one run folder each"""
-    distributed: bool = False
-    """several hosts: call jax.distributed.initialize() (coordinator from JAX's environment variables); each process
-    trains and writes its share of the seeds"""
-    run_dir: Optional[str] = None
-    """run folder (unset = runs/{env_id}__{exp_name}__{seed}__{unix_time}); with several seeds, suffixed __{seed}"""
-    checkpoint_every: Optional[int] = None
-    """env steps between full-state checkpoints (unset = --eval-freq; 0 = none); one is also written at the end"""
-    keep_checkpoints: int = 2
-    """newest checkpoints kept in {run_dir}/checkpoints (older ones are deleted)"""
-    save_model: bool = False
-    """write the final checkpoint even with --checkpoint-every 0"""
-    resume: Optional[str] = None
-    """run folder to continue from its newest complete checkpoint (only --total-steps and the checkpoint flags may
-    change)"""
-    dry_run: bool = False
-    """print the resolved config as one JSON object and exit, writing nothing"""
-    capture_video: bool = False
-    """record the first eval episode of each mode (pi, MPPI) to videos/{mode}_step{N}.mp4 in the run folder, each
-    frame marked with its Glass cluster, and draw glass/clusters_step{N}.png (S, P, the episodes' clusters)"""
-    video_every: int = 1
-    """with --capture-video: record every this many evaluations"""
-    video_height: int = 240
-    """video frame height in pixels"""
-    video_width: int = 320
-    """video frame width in pixels"""
+    seed: int = 1
+    """RNG seed of the run"""
 
     # Training schedule (every step count is in environment steps, action repeat included)
     total_steps: int = 4_000_000
@@ -88,13 +62,11 @@ class Args:
     impl: Optional[Literal["jax", "warp"]] = None
     """MJX backend (unset = warp when a GPU is present, jax otherwise); the two are different simulations"""
     naconmax: Optional[int] = None
-    """warp only: contact pool shared by all envs of a device (unset = Playground's, raised to the same room per env
-    that Playground's own 2048-env batch has)"""
+    """warp only: contact pool shared by a device's envs (unset = Playground's, as roomy per env as its 2048 envs)"""
     njmax: Optional[int] = None
     """warp only: constraint rows per env (unset = Playground's)"""
     seed_steps: Optional[int] = None
-    """env steps of uniform random actions before training, rounded up to whole vector steps
-    (unset = max(1000, 5 episodes) agent steps, official)"""
+    """env steps of uniform random actions first, in whole vector steps (unset = max(1000, 5 episodes) agent steps)"""
     pretrain_updates: Optional[int] = None
     """updates right after the seed steps (unset = what the UTD rule runs over the seed steps, official)"""
     eval_freq: int = 100_000
@@ -216,12 +188,45 @@ class Args:
 
     # Extras, off by default: two experiments of the predecessor code that are not part of Glass
     latent_smooth_coef: float = 0.0
-    """weight of the latent action smoothing mean ||tanh mu_pi(z_t+1) - tanh mu_pi(z_t)||^2 over z_0..z_H-1, added
-    to the policy loss"""
+    """policy-loss weight of latent action smoothing mean ||tanh mu_pi(z_t+1) - tanh mu_pi(z_t)||^2, t < H"""
     latent_smooth_start_step: int = 0
     """env step from which latent action smoothing applies"""
     arbitration_margin: Optional[float] = None
     """eval: also report return_arb = MPPI's return if it beats pi's by this margin, else pi's (unset = off)"""
+
+    # Run: folder, logs, checkpoints and resume, seeds, videos, tracking (none of these change the training math)
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    num_seeds: int = 1
+    """seeds seed, seed+1, ... trained together in one jitted program, laid over every device; one run folder each"""
+    distributed: bool = False
+    """several hosts: jax.distributed.initialize() from JAX's environment variables; each host trains its seeds"""
+    run_dir: Optional[str] = None
+    """run folder (unset = runs/{env_id}__{exp_name}__{seed}__{unix_time}); several seeds add __{seed}"""
+    checkpoint_every: Optional[int] = None
+    """env steps between full-state checkpoints (unset = --eval-freq; 0 = none); one is also written at the end"""
+    keep_checkpoints: int = 2
+    """newest checkpoints kept in {run_dir}/checkpoints (older ones are deleted)"""
+    save_model: bool = False
+    """write the final checkpoint even with --checkpoint-every 0"""
+    resume: Optional[str] = None
+    """run folder to continue from its newest complete checkpoint (only run flags and --total-steps may change)"""
+    dry_run: bool = False
+    """print the resolved config as one JSON object and exit, writing nothing"""
+    capture_video: bool = False
+    """record eval videos (pi, MPPI) with each frame's Glass cluster, and glass/clusters_step{N}.png (S, P, clusters)"""
+    video_every: int = 1
+    """with --capture-video: record every this many evaluations"""
+    video_height: int = 240
+    """video frame height in pixels"""
+    video_width: int = 320
+    """video frame width in pixels"""
+    track: bool = False
+    """also log every TensorBoard scalar to Weights & Biases (pip install -e ".[track]"; one W&B run per seed)"""
+    wandb_project_name: str = "tdmpc2-mjx"
+    """the Weights & Biases project of --track"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases team or user of --track (unset = your default entity)"""
 
 
 MODEL_SIZES = {  # official TD-MPC2 configs: enc_dim, mlp_dim, latent_dim, num_enc_layers, num_q
@@ -1258,7 +1263,7 @@ class Trainer:
         final, recorded = jax.lax.scan(step, init, jax.random.split(k_steps, venv.max_agent_steps))
         returns = final.total_return[:num].mean(), final.total_return[num:].mean()
         if not record:
-            return returns
+            return returns, None
         start = poses(init.env_state, init.alive)
         frames = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), start, recorded)
         return returns, {**frames, "S": S}
@@ -1284,6 +1289,91 @@ class Trainer:
 # train(): resolve the config, then alternate jitted training chunks with evaluations, logs and checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
 def train(args: Args) -> list[Path]:
+    args, venv, run_dirs = setup(args)
+    if args.dry_run:
+        print(json.dumps(dataclasses.asdict(args), indent=2))
+        return []
+    trainer, mesh = Trainer(args, venv), seed_mesh(args.num_seeds)
+    videos = Videos.open(venv, args) if args.capture_video else None
+    env_steps_per_vector_step = args.num_envs * args.action_repeat
+    chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
+    train_chunk = over_seeds(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), mesh, donate=True)
+    # The eval key depends only on the step: evaluations are the same however often the run was resumed. With
+    # record, the evaluation also returns the first episode of each mode (for videos and clusters).
+    evaluate = {record: over_seeds(lambda agent, key, step, record=record: trainer.evaluate(
+        agent, jax.random.fold_in(key, step), record), mesh, in_axes=(0, 0, None)) for record in (False, True)}
+    # Seed s draws exactly the keys a solo run of seed s draws.
+    seed_keys = [jax.random.key_data(jax.random.split(jax.random.key(args.seed + i))) for i in range(args.num_seeds)]
+    keys = jax.random.wrap_key_data(seed_sharded(mesh, np.stack(seed_keys)))
+    k_eval, k_init = keys[:, 0], keys[:, 1]
+    arbitrate = args.arbitration_margin is not None
+    # Glass's diagnostics batch: drawn with the step's eval key folded with GLASS_KEY_DATA, so it too is the same
+    # however often the run was resumed.
+    glass_report = over_seeds(
+        lambda agent, buffer, key, step: trainer.glass_report(
+            agent, buffer, jax.random.fold_in(jax.random.fold_in(key, step), GLASS_KEY_DATA), step),
+        mesh, in_axes=(0, 0, 0, None))
+
+    runs = SeedRuns(args, mesh, run_dirs)
+    shapes = jax.eval_shape(trainer.init, jax.random.key(0))
+    carry, loop, returns = runs.start(over_seeds(trainer.init, mesh), k_init, shapes)
+    print(f"{args.env_id} ({backend(args)}): obs {venv.obs_dim}, action {venv.action_dim}, discount "
+          f"{args.discount:.4f}; {env_steps_per_vector_step} env steps per vector step, {args.k_update} updates each; "
+          f"{args.seed_steps} seed steps, then {args.pretrain_updates} updates; {seeds_on_devices(args, mesh)}; "
+          f"run folder{'s' if len(runs.dirs) > 1 else ''} {', '.join(map(str, runs.dirs))}", flush=True)
+    if args.resume is not None:
+        print(f"resumed from step {loop['step']}", flush=True)
+    step, progress, stop = loop["step"], Progress(args, loop), StopSignal()
+    try:
+        while True:
+            finished = step >= args.total_steps
+            if stop.signum is None and (step >= loop["next_eval"] or finished):
+                record = args.capture_video and (step // args.eval_freq) % args.video_every == 0
+                (returns_pi, returns_mppi), recorded = evaluate[record](carry.agent, k_eval, step)
+                for i, (pi, mppi) in local_seed_rows((returns_pi, returns_mppi)).items():
+                    returns[i] = {"pi": float(pi), "mppi": float(mppi)}
+                    if arbitrate:  # chosen on the episodes it reports, so (like best-any) an optimistic number
+                        better = returns[i]["mppi"] > returns[i]["pi"] + args.arbitration_margin
+                        returns[i]["arb"] = returns[i]["mppi" if better else "pi"]
+                runs.log_eval(step, progress.wall_time(), returns)
+                if recorded is not None:  # drawn here, outside the jitted programs
+                    for i, seed_recorded in local_seed_rows(recorded).items():
+                        seed_recorded = jax.device_get(seed_recorded)
+                        if videos is not None:  # None when no OpenGL backend works; the figure needs none
+                            videos.write(runs.dirs[i] / "videos", step, seed_recorded)
+                        write_cluster_figure(runs.dirs[i] / "glass" / f"clusters_step{step}.png", step,
+                                             seed_recorded, args)
+                runs.log_glass(step, glass_report(carry.agent, carry.buffer, k_eval, step))
+                loop["next_eval"] = next_multiple(step, args.eval_freq)
+            if runs.checkpoint_due(step, loop, finished, stop.signum is not None):
+                loop.update(step=step, wall_time=progress.wall_time())
+                print(runs.save(step, carry, loop, returns), flush=True)
+            if finished or stop.signum is not None:
+                break
+            tick = time.time()
+            carry, (stats, info) = train_chunk(carry)
+            per_seed = {i: jax.device_get(row) for i, row in local_seed_rows((stats, info)).items()}  # waits
+            chunk_start, step = step, step + chunk_vector_steps * env_steps_per_vector_step
+            check_chunk(per_seed, chunk_start, args, progress.warned)
+            progress.add(chunk_start, step, time.time() - tick)
+            training = np.arange(chunk_start, step, env_steps_per_vector_step) >= args.seed_steps
+            runs.log_chunk(step, per_seed, training, progress.sps())
+            print(f"step {step:,}/{args.total_steps:,} | {progress.line(step)} | last eval: {format_returns(returns)}",
+                  flush=True)
+        runs.check_written()  # the last checkpoint is on disk before the run says it is done
+    finally:
+        stop.restore()
+        runs.close()
+    if stop.signum is not None:
+        print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {runs.dirs[0]}", flush=True)
+        raise Preempted(stop.signum)
+    print(f"done: {step:,} env steps in {format_time(progress.wall_time())}; final eval: "
+          f"{format_returns(returns)}; results in {', '.join(map(str, runs.dirs))}", flush=True)
+    return runs.dirs
+
+
+def setup(args: Args) -> tuple[Args, VectorEnv, Optional[list[Path]]]:
+    """The resolved config (the saved one when resuming), the env and the run folders of a resumed batch."""
     if args.distributed:
         start_distributed()
     run_dirs = None
@@ -1294,129 +1384,51 @@ def train(args: Args) -> list[Path]:
     worlds = max(args.num_envs, 2 * args.eval_episodes) * max(1, args.num_seeds // jax.device_count())
     env = load_env(args.env_id, args.impl, args.episode_length, worlds, args.naconmax, args.njmax)
     venv = VectorEnv(env, args.action_repeat)
-    args = resolve_args(args, venv)
-    if args.dry_run:
-        print(json.dumps(dataclasses.asdict(args), indent=2))
-        return []
-    trainer = Trainer(args, venv)
-    videos = Videos.open(venv, args) if args.capture_video else None
-    mesh = seed_mesh(args.num_seeds)
+    return resolve_args(args, venv), venv, run_dirs
+
+
+def next_multiple(step: int, every: int) -> int:
+    """The first multiple of `every` past `step`: the next evaluation or checkpoint point."""
+    return (step // every + 1) * every
+
+
+def check_chunk(per_seed: dict, chunk_start: int, args: Args, warned: set):
+    """Stop at a warp capacity overflow or a non-finite loss, naming the env step and the seed."""
     env_steps_per_vector_step = args.num_envs * args.action_repeat
-    chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
-    train_chunk = over_seeds(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), mesh, donate=True)
-    # The eval key depends only on the step: evaluations are the same however often the run was resumed.
-    def evaluation(record: bool):  # with record, also the first episode of each mode (for videos and clusters)
-        return over_seeds(lambda agent, key, step: trainer.evaluate(agent, jax.random.fold_in(key, step), record),
-                          mesh, in_axes=(0, 0, None))
+    for i, (stats, info) in per_seed.items():
+        check_warp_flags(stats, chunk_start, args, i, warned)
+        if (bad := first_nonfinite(info)) is not None:
+            name, index = bad
+            seed = f" (seed {args.seed + i})" if args.num_seeds > 1 else ""
+            at_step = chunk_start + (index + 1) * env_steps_per_vector_step
+            raise UserError(f"non-finite losses/{name} at env step {at_step}{seed}; stopping (checkpoints written so "
+                            "far are intact)")
 
-    evaluate, evaluate_recorded = evaluation(False), evaluation(True)
-    # Seed s draws exactly the keys a solo run of seed s draws.
-    seed_keys = [jax.random.key_data(jax.random.split(jax.random.key(args.seed + i))) for i in range(args.num_seeds)]
-    keys = jax.random.wrap_key_data(seed_sharded(mesh, np.stack(seed_keys)))
-    k_eval, k_init = keys[:, 0], keys[:, 1]
 
-    runs = SeedRuns(args, mesh, run_dirs)
-    if args.resume is None:
-        carry = over_seeds(trainer.init, mesh)(k_init)  # jitted: its outputs match the chunk's, nothing compiles twice
-        loop = {"step": 0, "next_eval": 0, "next_checkpoint": args.checkpoint_every, "wall_time": 0.0}
-        returns = {i: {} for i in runs.local}
-    else:
-        shapes = jax.eval_shape(trainer.init, jax.random.key(0))
-        stored, loop, returns = runs.restore(shapes)
-        stored = jax.tree.map(partial(jax.make_array_from_process_local_data, seed_sharding(mesh)), stored)
-        carry = over_seeds(lambda x: jax.tree.map(from_storable, x, shapes), mesh)(stored)
-        if loop["step"] >= args.total_steps:
-            raise UserError(f"--resume: the run already reached step {loop['step']:,}; pass a larger --total-steps "
-                            "to extend it")
-    runs.open(resume_step=loop["step"] if args.resume else None)
-    arbitrate = args.arbitration_margin is not None
-    # Glass's diagnostics batch: drawn with the step's eval key folded with GLASS_KEY_DATA, so it too is the same
-    # however often the run was resumed.
-    glass_report = over_seeds(
-        lambda agent, buffer, key, step: trainer.glass_report(
-            agent, buffer, jax.random.fold_in(jax.random.fold_in(key, step), GLASS_KEY_DATA), step),
-        mesh, in_axes=(0, 0, 0, None))
-    print(
-        f"{args.env_id} ({backend(args)}): obs {venv.obs_dim}, action {venv.action_dim}, discount "
-        f"{args.discount:.4f}; {env_steps_per_vector_step} env steps per vector step, {args.k_update} updates each; "
-        f"{args.seed_steps} seed steps, then {args.pretrain_updates} updates; {seeds_on_devices(args, mesh)}; "
-        f"run folder{'s' if len(runs.dirs) > 1 else ''} {', '.join(map(str, runs.dirs))}",
-        flush=True,
-    )
-    if args.resume is not None:
-        print(f"resumed from step {loop['step']}", flush=True)
+class Progress:
+    """Wall time, and SPS and ETA over the timed training chunks (not seeding, not the pretraining burst, not the
+    first chunk after a start, which compiles). With several seeds, SPS counts one seed's env steps."""
 
-    start_time = time.time() - loop["wall_time"]
-    start_step = step = loop["step"]
-    timed_steps, timed_seconds = 0, 0.0  # SPS and ETA count training chunks only (not seeding, not the compile)
-    stop = StopSignal()
-    warned = set()  # warnings printed once per run
-    try:
-        while True:
-            finished = step >= args.total_steps
-            if stop.signum is None and (step >= loop["next_eval"] or finished):
-                if args.capture_video and (step // args.eval_freq) % args.video_every == 0:
-                    (returns_pi, returns_mppi), recorded = evaluate_recorded(carry.agent, k_eval, step)
-                else:
-                    (returns_pi, returns_mppi), recorded = evaluate(carry.agent, k_eval, step), None
-                for i, (pi, mppi) in local_seed_rows((returns_pi, returns_mppi)).items():
-                    returns[i] = {"pi": float(pi), "mppi": float(mppi)}
-                    if arbitrate:  # chosen on the episodes it reports, so (like best-any) an optimistic number
-                        better = returns[i]["mppi"] > returns[i]["pi"] + args.arbitration_margin
-                        returns[i]["arb"] = returns[i]["mppi" if better else "pi"]
-                runs.log_eval(step, time.time() - start_time, returns)
-                if recorded is not None:  # drawn here, outside the jitted programs
-                    for i, seed_recorded in local_seed_rows(recorded).items():
-                        seed_recorded = jax.device_get(seed_recorded)
-                        if videos is not None:  # None when no OpenGL backend works; the figure needs none
-                            videos.write(runs.dirs[i] / "videos", step, seed_recorded)
-                        write_cluster_figure(runs.dirs[i] / "glass" / f"clusters_step{step}.png", step,
-                                             seed_recorded, args)
-                runs.log_glass(step, glass_report(carry.agent, carry.buffer, k_eval, step))
-                while loop["next_eval"] <= step:
-                    loop["next_eval"] += args.eval_freq
-            checkpoint_due = args.checkpoint_every and (step >= loop["next_checkpoint"] or finished)
-            wanted = checkpoint_due or (finished and args.save_model) or stop.signum is not None
-            if wanted and step != runs.checkpointed_step():
-                while args.checkpoint_every and loop["next_checkpoint"] <= step:
-                    loop["next_checkpoint"] += args.checkpoint_every
-                loop.update(step=step, wall_time=time.time() - start_time)
-                print(runs.save(step, carry, loop, returns), flush=True)
-            if finished or stop.signum is not None:
-                break
-            tick = time.time()
-            carry, (stats, info) = train_chunk(carry)
-            per_seed = {i: jax.device_get(row) for i, row in local_seed_rows((stats, info)).items()}  # waits
-            chunk_start, step = step, step + chunk_vector_steps * env_steps_per_vector_step
-            for i, (seed_stats, seed_info) in per_seed.items():
-                check_warp_flags(seed_stats, chunk_start, args, i, warned)
-                if (bad := first_nonfinite(seed_info)) is not None:
-                    name, index = bad
-                    seed = f" (seed {args.seed + i})" if args.num_seeds > 1 else ""
-                    raise UserError(
-                        f"non-finite losses/{name} at env step {chunk_start + (index + 1) * env_steps_per_vector_step}"
-                        f"{seed}; stopping (checkpoints written so far are intact)"
-                    )
-            if chunk_start >= args.seed_steps and chunk_start > start_step:  # no seeding, burst or compile
-                timed_steps += step - chunk_start
-                timed_seconds += time.time() - tick
-            training = np.arange(chunk_start, step, env_steps_per_vector_step) >= args.seed_steps
-            runs.log_chunk(step, per_seed, training, timed_steps / timed_seconds if timed_seconds else None)
-            speed = speed_and_eta(timed_steps, timed_seconds, args.total_steps - step)
-            if args.num_seeds > 1 and timed_seconds:  # SPS counts one seed's env steps
-                in_all = timed_steps / timed_seconds * args.num_seeds
-                speed = speed.replace(" |", f" per seed ({in_all:,.0f} in all) |", 1)
-            print(f"step {step:,}/{args.total_steps:,} | {speed} | last eval: {format_returns(returns)}", flush=True)
-    finally:
-        stop.restore()
-        runs.close()
-    if stop.signum is not None:
-        resume_dir = runs.dirs[0]
-        print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {resume_dir}", flush=True)
-        raise Preempted(stop.signum)
-    print(f"done: {step:,} env steps in {format_time(time.time() - start_time)}; final eval: "
-          f"{format_returns(returns)}; results in {', '.join(map(str, runs.dirs))}", flush=True)
-    return runs.dirs
+    def __init__(self, args: Args, loop: dict):
+        self.args, self.start_step = args, loop["step"]
+        self.start_time = time.time() - loop["wall_time"]
+        self.steps, self.seconds, self.warned = 0, 0.0, set()  # warned: warnings printed once per run
+
+    def wall_time(self) -> float:
+        return time.time() - self.start_time
+
+    def add(self, chunk_start: int, chunk_end: int, seconds: float):
+        if chunk_start >= self.args.seed_steps and chunk_start > self.start_step:
+            self.steps, self.seconds = self.steps + chunk_end - chunk_start, self.seconds + seconds
+
+    def sps(self) -> Optional[float]:
+        return self.steps / self.seconds if self.seconds else None
+
+    def line(self, step: int) -> str:
+        speed = speed_and_eta(self.steps, self.seconds, self.args.total_steps - step)
+        if self.args.num_seeds > 1 and self.seconds:
+            speed = speed.replace(" |", f" per seed ({self.sps() * self.args.num_seeds:,.0f} in all) |", 1)
+        return speed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1524,18 +1536,22 @@ class SeedRuns:
     devices hold."""
 
     def __init__(self, args: Args, mesh, dirs: Optional[list[Path]] = None):
-        self.args = args
+        self.args, self.mesh = args, mesh
         self.dirs = dirs or new_run_dirs(args)
         held = seed_sharding(mesh).addressable_devices_indices_map((args.num_seeds,)).values()
         self.local = sorted({i for index in held for i in range(args.num_seeds)[index[0]]})
         for i in self.local:
             prepare_run_dir(self.dirs[i])
         self.checkpoints = {i: Checkpoints(self.dirs[i], args.keep_checkpoints) for i in self.local}
-        self.writers, self.eval_logs = {}, {}
+        self.writers, self.eval_logs, self.tracked = {}, {}, {}
 
-    def restore(self, carry_shapes):
-        """(stored carries stacked over this process's seeds, loop state, returns per seed) of the newest step
-        that every seed can restore."""
+    def start(self, init, keys, carry_shapes) -> tuple:
+        """(carry, loop counters, last returns per seed) of a new run, or of the newest step that every seed of a
+        resumed batch can restore; then opens the logs."""
+        if self.args.resume is None:
+            self.open(resume_step=None)  # jitted init: its outputs match the chunk's, nothing compiles twice
+            loop = {"step": 0, "next_eval": 0, "next_checkpoint": self.args.checkpoint_every, "wall_time": 0.0}
+            return init(keys), loop, {i: {} for i in self.local}
         step = None
         while True:
             restored = {i: c.restore_newest(carry_shapes, at_most=step) for i, c in self.checkpoints.items()}
@@ -1543,12 +1559,18 @@ class SeedRuns:
             if len(steps) == 1:
                 break
             step = min(steps)  # a seed's newest checkpoint was damaged: the whole batch goes back to its step
-        (common,) = steps
+        (step,) = steps
+        if step >= self.args.total_steps:
+            raise UserError(f"--resume: the run already reached step {step:,}; pass a larger --total-steps to "
+                            "extend it")
         for c in self.checkpoints.values():
-            c.delete_after(common)
+            c.delete_after(step)
         stored = jax.tree.map(lambda *rows: np.stack(rows), *[state for state, _ in restored.values()])
+        stored = jax.tree.map(partial(jax.make_array_from_process_local_data, seed_sharding(self.mesh)), stored)
+        carry = over_seeds(lambda x: jax.tree.map(from_storable, x, carry_shapes), self.mesh)(stored)
         returns = {i: seed_loop.pop("returns") for i, (_, seed_loop) in restored.items()}  # the rest is common
-        return stored, next(iter(restored.values()))[1], returns
+        self.open(resume_step=step)
+        return carry, next(iter(restored.values()))[1], returns
 
     def open(self, resume_step: Optional[int]):
         from tensorboardX import SummaryWriter
@@ -1568,6 +1590,8 @@ class SeedRuns:
                 table = "\n".join(f"|{k}|{v}|" for k, v in config.items())
                 writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
             self.writers[i] = writer
+            if self.args.track:
+                self.tracked[i] = start_tracking(self.args, self.dirs[i], config)
             self.eval_logs[i] = EvalLog(self.dirs[i] / "eval.csv", columns, resume_step)
             glass_dir = self.dirs[i] / "glass"
             glass_dir.mkdir(exist_ok=True)
@@ -1576,35 +1600,50 @@ class SeedRuns:
                     if int(path.stem.rpartition("_step")[2]) > resume_step:
                         path.unlink()
 
+    def scalars(self, i: int, step: int, values: dict):
+        """Seed i's scalars at `step`, to TensorBoard (and to Weights & Biases with --track)."""
+        for name, value in values.items():
+            self.writers[i].add_scalar(name, value, step)
+        if i in self.tracked:
+            self.tracked[i].log(values, step=step)
+
     def log_eval(self, step: int, wall_time: float, returns: dict):
         for i in self.local:
             self.eval_logs[i].write(step, round(wall_time, 2), *returns[i].values())
-            for mode, value in returns[i].items():
-                self.writers[i].add_scalar(f"eval/return_{mode}", value, step)
+            self.scalars(i, step, {f"eval/return_{mode}": value for mode, value in returns[i].items()})
 
     def log_glass(self, step: int, report):
         """Glass at an evaluation (`Trainer.glass_report` over the seeds): each seed's into its own folder."""
         for i, seed_report in local_seed_rows(report).items():
-            write_glass_report(self.dirs[i], self.writers[i], seed_report, step)
+            write_glass_report(self.dirs[i], partial(self.scalars, i, step), seed_report, step)
 
     def log_chunk(self, step: int, per_seed: dict, training: np.ndarray, sps: Optional[float]):
-        """TensorBoard after a chunk: speed, training episodes' return, and each loss averaged over the chunk's
-        training vector steps."""
+        """After a chunk: speed, training episodes' return, and each loss averaged over the chunk's training vector
+        steps; and whether the last checkpoint was written."""
         for i, (stats, info) in per_seed.items():
-            writer = self.writers[i]
-            if sps is not None:
-                writer.add_scalar("charts/SPS", sps, step)
+            values = {} if sps is None else {"charts/SPS": sps}
             if episodes := int(stats["episodes"].sum()):
-                writer.add_scalar("charts/episodic_return", float(stats["returns_sum"].sum()) / episodes, step)
+                values["charts/episodic_return"] = float(stats["returns_sum"].sum()) / episodes
             if "warp_unconverged" in stats:
-                writer.add_scalar("charts/warp_unconverged", float(stats["warp_unconverged"].mean()) /
-                                  self.args.num_envs, step)
-            for name, values in info.items():
-                if training.any():
-                    writer.add_scalar(f"losses/{name}", float(np.mean(values[training])), step)
+                values["charts/warp_unconverged"] = float(stats["warp_unconverged"].mean()) / self.args.num_envs
+            if training.any():
+                values.update({f"losses/{name}": float(np.mean(v[training])) for name, v in info.items()})
+            self.scalars(i, step, values)
+            self.checkpoints[i].check_written()
 
-    def checkpointed_step(self) -> Optional[int]:
-        return self.checkpoints[self.local[0]].latest_step()
+    def checkpoint_due(self, step: int, loop: dict, finished: bool, stopping: bool) -> bool:
+        """At the --checkpoint-every points, at the end (with --save-model too) and on a stop signal; once a step."""
+        every = self.args.checkpoint_every
+        due = (every and (step >= loop["next_checkpoint"] or finished)) or (finished and self.args.save_model)
+        if not (due or stopping) or step == self.checkpoints[self.local[0]].latest_step():
+            return False
+        if every:
+            loop["next_checkpoint"] = max(loop["next_checkpoint"], next_multiple(step, every))
+        return True
+
+    def check_written(self):
+        for checkpoints in self.checkpoints.values():
+            checkpoints.check_written(wait=True)
 
     def save(self, step: int, carry, loop: dict, returns: dict) -> str:
         tick = time.time()
@@ -1620,6 +1659,19 @@ class SeedRuns:
             writer.close()
         for checkpoints in self.checkpoints.values():
             checkpoints.close()
+        for run in self.tracked.values():
+            run.finish()
+
+
+def start_tracking(args: Args, run_dir: Path, config: dict):
+    """A Weights & Biases run for one seed's folder, named like it. Scalars are logged to it directly rather than
+    synced from the event files (CleanRL's sync_tensorboard), which follows one writer per process, not one per seed."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError('--track needs Weights & Biases: pip install -e ".[track]"') from None
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=config,
+                      dir=str(run_dir), reinit="create_new", save_code=True)
 
 
 def new_run_dirs(args: Args) -> list[Path]:
@@ -1683,20 +1735,44 @@ class Checkpoints:
     def __init__(self, run_dir: Path, keep: int):
         import orbax.checkpoint as ocp  # imported here so that importing this file stays cheap
 
-        self.ocp, self.run_dir = ocp, run_dir
+        self.ocp, self.run_dir, self.pending = ocp, run_dir, None  # pending: (step, bytes) of the write in flight
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                cleanup_tmp_directories=True)  # what a killed save left behind
         self.manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+        # orbax logs a failed write (a full disk) with tracebacks from its threads; check_written says it in one line
+        logging.getLogger("absl").addFilter(lambda record: not (record.exc_info and
+                                                                isinstance(record.exc_info[1], OSError)))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def save(self, step: int, carry, loop: dict) -> int:
         """Starts writing one seed's carry; returns its size in bytes."""
-        state = jax.tree.map(to_storable, carry)  # host copies: the next chunk may overwrite the carry's buffers
+        self.check_written(wait=True)  # orbax finishes the previous write first; a failed one is reported here
+        # host copies: the next chunk may overwrite the carry's buffers
+        state = jax.tree.map(lambda x: np.array(to_storable(x)), carry)
         args = self.ocp.args
         self.manager.save(step, args=args.Composite(state=args.StandardSave(state), loop=args.JsonSave(loop)))
-        return sum(x.nbytes for x in jax.tree.leaves(state))
+        self.pending = (step, sum(x.nbytes for x in jax.tree.leaves(state)))
+        return self.pending[1]
+
+    def check_written(self, wait: bool = False):
+        """Stop the run in one line if the last background write failed (most often: the disk is full). Without
+        `wait`, a write still in flight is left to a later check."""
+        if self.pending is None or (not wait and self.manager.is_saving_in_progress()):
+            return
+        (step, size), self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 (orbax re-raises whatever its writer thread raised)
+            self.manager.reload()
+            intact = [s for s in self.manager.all_steps() if s != step]
+            newest = f"step {max(intact)}" if intact else "none"
+            free = shutil.disk_usage(self.run_dir).free
+            raise UserError(f"checkpoint step {step} could not be written to {self.run_dir / 'checkpoints'} "
+                            f"({first_line(e)}): it needs about {size / 1e6:.1f} MB, that disk has {free / 1e6:.1f} MB "
+                            f"free; newest intact checkpoint: {newest}; stopping (free space, then --resume "
+                            f"{self.run_dir})") from None
 
     def restore_newest(self, carry_shapes, at_most: Optional[int] = None):
         """(stored carry, loop) of the newest checkpoint at or before `at_most` that reads back whole; a damaged one
@@ -1708,7 +1784,8 @@ class Checkpoints:
                 continue
             try:
                 restored = self.manager.restore(step, args=args.Composite(
-                    state=args.StandardRestore(jax.tree.map(stored_shape, carry_shapes)), loop=args.JsonRestore()))
+                    state=args.StandardRestore(jax.eval_shape(partial(jax.tree.map, to_storable), carry_shapes)),
+                    loop=args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 (whatever a damaged file raises, the previous checkpoint is next)
                 damaged = self.run_dir / "checkpoints_damaged"
                 damaged.mkdir(exist_ok=True)
@@ -1726,22 +1803,19 @@ class Checkpoints:
             self.manager.delete(later)
 
     def close(self):
-        self.manager.close()  # waits for a write in flight
+        """Waits for a write in flight. A failure was reported by check_written, or an error is on its way out."""
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def to_storable(x):
-    """A host copy (the carry is donated to the next chunk) of what orbax can store: typed PRNG keys as their raw
-    data, empty arrays (MJX's actuator state of an env without actuator dynamics) as one placeholder zero."""
+    """What orbax can store of a carry leaf (traceable, so that eval_shape gives the stored shapes): typed PRNG keys
+    as their raw data, empty arrays (MJX's actuator state of an env without actuator dynamics) as one placeholder."""
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    return np.zeros(1, x.dtype) if x.size == 0 else np.array(x)
-
-
-def stored_shape(like):
-    """The shape and dtype `to_storable` gives a carry leaf of shape and dtype `like`."""
-    if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
-        return jax.eval_shape(jax.random.key_data, like)
-    return jax.ShapeDtypeStruct((1,), like.dtype) if math.prod(like.shape) == 0 else like
+        return jax.random.key_data(x)
+    return jnp.zeros(1, x.dtype) if x.size == 0 else x
 
 
 def from_storable(stored, like):
@@ -1771,7 +1845,7 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     config = Args(**{k: v for k, v in saved.items() if k in known})
     config = dataclasses.replace(config, seed=config.seed - batch["seed_index"])  # the batch's first seed
     may_change = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "save_model", "dry_run",
-                  "distributed"}
+                  "distributed", "track", "wandb_project_name", "wandb_entity"}
     default = Args()
     for name in known - may_change:
         given, before = getattr(cli, name), getattr(config, name)
@@ -1836,8 +1910,6 @@ class Videos:
             print(f"warning: --capture-video: no OpenGL backend works (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
                   f"{first_line(e)}); training goes on without video (the cluster figures are still drawn)", flush=True)
             return None
-        import shutil
-
         import imageio_ffmpeg
         import mediapy
 
@@ -1990,15 +2062,14 @@ class EvalLog:
         os.fsync(self.file.fileno())
 
 
-def write_glass_report(run_dir: Path, writer, report, step: int):
+def write_glass_report(run_dir: Path, log_scalars, report, step: int):
     """glass/active (1 while the schedule has Glass on, else 0) at every evaluation; the other glass/<name> scalars
     and glass/P_S_step{step}.npz once the buffer holds whole sequences (every evaluation but the one at step 0)."""
     active, available, scalars, matrices = jax.device_get(report)
-    writer.add_scalar("glass/active", float(active), step)
+    log_scalars({"glass/active": float(active)})
     if not available:
         return
-    for name, value in scalars.items():
-        writer.add_scalar(f"glass/{name}", float(value), step)
+    log_scalars({f"glass/{name}": float(value) for name, value in scalars.items()})
     data = io.BytesIO()
     np.savez(data, **matrices)
     atomic_write(run_dir / "glass" / f"P_S_step{step}.npz", data.getvalue())
@@ -2067,5 +2138,11 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the disk of the run folder filled up or went away while writing logs
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            raise
+        print(f"error: {e.strerror} while writing {e.filename}; stopping (checkpoints written so far are intact)",
+              file=sys.stderr)
+        sys.exit(1)
     except Preempted as e:
         sys.exit(e.exit_code)

@@ -436,7 +436,8 @@ def test_recorded_evaluation_returns_each_frames_cluster():
                                  num_elites=2, num_pi_trajs=2, glass_num_clusters=5, **SMALL), venv)
     trainer = G.Trainer(args, venv)
     agent = jax.eval_shape(trainer.init, jax.random.key(0)).agent
-    plain = jax.eval_shape(trainer.evaluate, agent, jax.random.key(1))
+    plain, nothing = jax.eval_shape(trainer.evaluate, agent, jax.random.key(1))
+    assert nothing is None
     assert [(x.shape, x.dtype) for x in plain] == [((), jnp.float32), ((), jnp.float32)]
     _, recorded = jax.eval_shape(partial(trainer.evaluate, record=True), agent, jax.random.key(1))
     assert recorded["cluster"].shape == (51, 2) and jnp.issubdtype(recorded["cluster"].dtype, jnp.integer)

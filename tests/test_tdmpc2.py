@@ -550,7 +550,8 @@ def test_evaluation_without_video_returns_only_the_returns():
     args = T.resolve_args(T.Args(env_id="CartpoleBalance", num_envs=2, k_update=2, seed_steps=80, **TINY_NETS), venv)
     trainer = T.Trainer(args, venv)
     agent = jax.eval_shape(trainer.init, jax.random.key(0)).agent
-    plain = jax.eval_shape(trainer.evaluate, agent, jax.random.key(1))
+    plain, nothing = jax.eval_shape(trainer.evaluate, agent, jax.random.key(1))
+    assert nothing is None
     assert [(x.shape, x.dtype) for x in plain] == [((), jnp.float32), ((), jnp.float32)]
     _, poses = jax.eval_shape(partial(trainer.evaluate, record=True), agent, jax.random.key(1))
     assert poses["qpos"].shape == (51, 2, 2) and poses["alive"].shape == (51, 2)
