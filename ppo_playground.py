@@ -44,48 +44,21 @@ from flax import struct
 
 @dataclasses.dataclass
 class Args:
-    """PPO on a Playground DM Control env. Flags shown as None take Playground's value for the env (else Brax's)."""
+    """PPO on a Playground DM Control env: the training fields, then the run flags. Flags shown as None take
+    Playground's value for the env (else Brax's); `args.json` and `--dry-run` show the resolved values."""
 
-    exp_name: str = Path(__file__).stem
-    """name of this experiment (part of the run folder's name)"""
-    seed: int = 1
-    """seed of the first run; run i of `--num-seeds` uses seed + i"""
-    num_seeds: int = 1
-    """seeds seed, seed+1, ... trained together in one jitted program, laid over every device; one run folder each"""
-    distributed: bool = False
-    """several hosts: call jax.distributed.initialize() (coordinator from JAX's environment variables); each process
-    trains and writes its share of the seeds"""
     env_id: str = "CartpoleBalance"
     """DM Control suite environment of MuJoCo Playground"""
+    seed: int = 1
+    """seed of the first run; run i of `--num-seeds` uses seed + i"""
     impl: Optional[Literal["jax", "warp"]] = None
-    """MJX backend (default: warp if a GPU is present, else jax); the two are different simulations"""
+    """MJX backend (unset = warp when a GPU is present, jax otherwise); the two are different simulations"""
     naconmax: Optional[int] = None
-    """warp only: contact pool shared by all envs of a device (default: Playground's, raised to the same room per
-    env that Playground's own 2048-env batch has)"""
+    """warp only: contact pool shared by a device's envs (unset = Playground's, as roomy per env as its 2048 envs)"""
     njmax: Optional[int] = None
-    """warp only: constraint rows per env (default: Playground's)"""
-    run_dir: Optional[str] = None
-    """run folder (default: runs/{env_id}__{exp_name}__{seed}__{unix_time}); with several seeds, suffixed __{seed}"""
-    save_model: bool = False
-    """write a checkpoint at the end even with --checkpoint-every 0"""
-    checkpoint_every: Optional[int] = None
-    """env steps between full-state checkpoints in {run_dir}/checkpoints/ (default: every evaluation; 0: off)"""
-    keep_checkpoints: int = 2
-    """newest checkpoints kept in each run folder"""
-    resume: Optional[str] = None
-    """run folder (any seed's of a batch) to continue from its newest checkpoint; --total-steps may be raised"""
-    dry_run: bool = False
-    """load the env, print the resolved config (what args.json would hold) as one JSON object, and exit"""
+    """warp only: constraint rows per env (unset = Playground's)"""
     step_rounding: Literal["brax", "iteration"] = "brax"
     """brax: the iterations and eval points of Brax's ppo.train (60M runs 88.5M); iteration: ceil(total / iteration)"""
-    capture_video: bool = False
-    """record the first deterministic eval episode to videos/deterministic_step{N}.mp4 in the run folder"""
-    video_every: int = 1
-    """with --capture-video: record every this many evaluations (the first one, at step 0, included)"""
-    video_height: int = 240
-    """video frame height in pixels"""
-    video_width: int = 320
-    """video frame width in pixels"""
 
     # Algorithm specific arguments (None = Playground's value for this env_id, or Brax's default)
     total_steps: Optional[int] = None
@@ -150,6 +123,34 @@ class Args:
     """env steps the run takes: num_iterations x steps_per_iteration"""
     eval_steps: tyro.conf.Suppress[tuple[int, ...]] = ()
     """env steps after which the policy is evaluated (0: before training)"""
+
+    # Run: folder, logs, checkpoints and resume, seeds, videos, tracking (none of these change the training math)
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    num_seeds: int = 1
+    """seeds seed, seed+1, ... trained together in one jitted program, laid over every device; one run folder each"""
+    distributed: bool = False
+    """several hosts: jax.distributed.initialize() from JAX's environment variables; each host trains its seeds"""
+    run_dir: Optional[str] = None
+    """run folder (unset = runs/{env_id}__{exp_name}__{seed}__{unix_time}); several seeds add __{seed}"""
+    checkpoint_every: Optional[int] = None
+    """env steps between full-state checkpoints (unset = each evaluation; 0 = none); one is also written at the end"""
+    keep_checkpoints: int = 2
+    """newest checkpoints kept in {run_dir}/checkpoints (older ones are deleted)"""
+    save_model: bool = False
+    """write the final checkpoint even with --checkpoint-every 0"""
+    resume: Optional[str] = None
+    """run folder to continue from its newest complete checkpoint (only run flags and --total-steps may change)"""
+    dry_run: bool = False
+    """print the resolved config as one JSON object and exit, writing nothing"""
+    capture_video: bool = False
+    """record the first deterministic eval episode to videos/deterministic_step{N}.mp4 in the run folder"""
+    video_every: int = 1
+    """with --capture-video: record every this many evaluations"""
+    video_height: int = 240
+    """video frame height in pixels"""
+    video_width: int = 320
+    """video frame width in pixels"""
 
 
 # Values Brax's ppo.train uses for fields Playground's DM Control table leaves unset.

@@ -333,6 +333,26 @@ def test_every_args_field_is_used():
     assert all(f in used for f in P.BRAX_DEFAULTS)
 
 
+def test_args_come_in_order_with_one_line_help():
+    """env_id and seed first, the run flags in one closing block; each field's help is one physical line (tyro keeps
+    line breaks) of at most 120 characters."""
+    source = (REPO / "ppo_playground.py").read_text()
+    (args_class,) = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "Args"]
+    body = args_class.body[1:]
+    fields = [n.target.id for n in body if isinstance(n, ast.AnnAssign)]
+    assert fields[:2] == ["env_id", "seed"]
+    run = fields[fields.index("exp_name"):]
+    assert {"num_seeds", "distributed", "run_dir", "resume", "dry_run", "capture_video"} <= set(run)
+    assert not {"total_steps", "learning_rate", "step_rounding", "impl"} & set(run)
+    lines = source.splitlines()
+    for field, doc in zip(body[::2], body[1::2], strict=True):
+        assert isinstance(doc, ast.Expr) and doc.lineno == doc.end_lineno, field.target.id
+        assert len(lines[doc.lineno - 1]) <= 120, field.target.id
+    banner = ("# Run: folder, logs, checkpoints and resume, seeds, videos, tracking (none of these change the training "
+              "math)")
+    assert lines[body[2 * fields.index("exp_name")].lineno - 2].strip() == banner
+
+
 def test_import_has_no_side_effects():
     assert not hasattr(P, "args") and not hasattr(P, "env") and not hasattr(P, "writers")
 
