@@ -151,6 +151,12 @@ class Args:
     """video frame height in pixels"""
     video_width: int = 320
     """video frame width in pixels"""
+    track: bool = False
+    """also log every TensorBoard scalar to Weights & Biases (pip install -e ".[track]"; one W&B run per seed)"""
+    wandb_project_name: str = "tdmpc2-mjx"
+    """the Weights & Biases project of --track"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases team or user of --track (unset = your default entity)"""
 
 
 # Values Brax's ppo.train uses for fields Playground's DM Control table leaves unset.
@@ -760,7 +766,7 @@ def train(args: Args) -> list[Path]:
           f"{args.iterations_per_epoch} iteration(s)" + ("" if args.num_resets_per_eval > 0 else " disabled") +
           f"; {seeds_on_devices(args, mesh)}", flush=True)
 
-    writers, csv_files, meta = {}, {}, run_metadata()
+    writers, csv_files, tracked, meta = {}, {}, {}, run_metadata()
     for i in local:
         run_dir, config = dirs[i], run_config(args, i)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -770,6 +776,8 @@ def train(args: Args) -> list[Path]:
         writers[i] = SummaryWriter(str(run_dir), purge_step=resume_step + 1 if resumed else None)
         writers[i].add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in config.items()))
+        if args.track:
+            tracked[i] = start_tracking(args, run_dir, config)
         if resumed:
             drop_eval_rows_after(run_dir / "eval.csv", resume_step)
             csv_files[i] = open(run_dir / "eval.csv", "a")  # kept open for the run, flushed per row
@@ -779,6 +787,13 @@ def train(args: Args) -> list[Path]:
             csv_files[i].flush()
     managers = dict(zip(local, checkpoint_managers(args, [dirs[i] for i in local]), strict=True))
     stop, old_handlers = stop_on_signals()  # from here on a signal ends the run with a checkpoint
+
+    def scalars(i: int, step: int, values: dict):
+        """Seed i's scalars at `step`, to TensorBoard (and to Weights & Biases with --track)."""
+        for name, value in values.items():
+            writers[i].add_scalar(name, value, step)
+        if i in tracked:
+            tracked[i].log(values, step=step)
 
     reset_fn = over_seeds(functools.partial(reset_training_envs, env, args), mesh)
     ts = carry.pop("ts")  # carry keeps the two keys
@@ -805,8 +820,7 @@ def train(args: Args) -> list[Path]:
         for i, (ret, ret_det) in returns.items():
             csv_files[i].write(f"{step},{wall:.3f},{ret:.6f},{ret_det:.6f}\n")
             csv_files[i].flush()
-            writers[i].add_scalar("eval/return", float(ret), step)
-            writers[i].add_scalar("eval/return_deterministic", float(ret_det), step)
+            scalars(i, step, {"eval/return": float(ret), "eval/return_deterministic": float(ret_det)})
         ret, ret_det = (np.array([r[k] for r in returns.values()]) for k in (0, 1))
         print(f"eval step={step:,} return={np.array2string(ret, precision=1)} "
               f"deterministic={np.array2string(ret_det, precision=1)}", flush=True)
@@ -831,13 +845,12 @@ def train(args: Args) -> list[Path]:
         sps = step / max(train_time, 1e-9)  # per seed, compile excluded (compiled ahead of time)
         for i, seed_metrics in metrics.items():
             check_warp_flags(seed_metrics, step, args, i, warned)
-            writers[i].add_scalar("charts/SPS", sps, step)
+            values = {"charts/SPS": sps, **{f"losses/{name}": float(seed_metrics[name]) for name in LOSS_NAMES}}
             if "warp_unconverged" in seed_metrics:
-                writers[i].add_scalar("charts/warp_unconverged", float(seed_metrics["warp_unconverged"]), step)
-            for name in LOSS_NAMES:
-                writers[i].add_scalar(f"losses/{name}", float(seed_metrics[name]), step)
+                values["charts/warp_unconverged"] = float(seed_metrics["warp_unconverged"])
             if seed_metrics["episodes"] > 0:
-                writers[i].add_scalar("charts/episodic_return", float(seed_metrics["episodic_return"]), step)
+                values["charts/episodic_return"] = float(seed_metrics["episodic_return"])
+            scalars(i, step, values)
         evaluated = step in args.eval_steps
         if evaluated:
             run_eval(step, iteration)
@@ -864,6 +877,8 @@ def train(args: Args) -> list[Path]:
     for i in local:
         writers[i].close()
         csv_files[i].close()
+    for run in tracked.values():
+        run.finish()
     if stopped and stop == [signal.SIGINT]:
         sys.exit(128 + signal.SIGINT)
     if not stopped:
@@ -1048,6 +1063,17 @@ def run_metadata() -> dict:
     return {"script": Path(__file__).name, "versions": versions, "git_commit": commit, "command": " ".join(sys.argv)}
 
 
+def start_tracking(args: Args, run_dir: Path, config: dict):
+    """A Weights & Biases run for one seed's folder, named like it. Scalars are logged to it directly rather than
+    synced from the event files (CleanRL's sync_tensorboard), which follows one writer per process, not one per seed."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError('--track needs Weights & Biases: pip install -e ".[track]"') from None
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=config,
+                      dir=str(run_dir), reinit="create_new", save_code=True)
+
+
 def run_dirs(args: Args) -> list[Path]:
     seeds = [args.seed + i for i in range(args.num_seeds)]
     if args.run_dir is not None:
@@ -1064,7 +1090,7 @@ def run_dirs(args: Args) -> list[Path]:
 
 # Flags that may differ from the run's args.json when resuming; every other one would change the run.
 RESUME_FLAGS = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "save_model", "dry_run",
-                "distributed"}
+                "distributed", "track", "wandb_project_name", "wandb_entity"}
 
 
 def resume_config(cli: Args) -> tuple[Args, list[Path]]:
@@ -1094,6 +1120,9 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     args.seed -= seed_index  # the batch's first seed
     args.save_model |= cli.save_model
     args.dry_run, args.distributed = cli.dry_run, cli.distributed
+    for name in ("track", "wandb_project_name", "wandb_entity"):  # as given now, else as the run had them
+        if getattr(cli, name) != getattr(defaults, name):
+            setattr(args, name, getattr(cli, name))
     if cli.checkpoint_every is not None:
         args.checkpoint_every = cli.checkpoint_every
     if cli.keep_checkpoints != defaults.keep_checkpoints:

@@ -342,7 +342,7 @@ def test_args_come_in_order_with_one_line_help():
     fields = [n.target.id for n in body if isinstance(n, ast.AnnAssign)]
     assert fields[:2] == ["env_id", "seed"]
     run = fields[fields.index("exp_name"):]
-    assert {"num_seeds", "distributed", "run_dir", "resume", "dry_run", "capture_video"} <= set(run)
+    assert {"num_seeds", "distributed", "run_dir", "resume", "dry_run", "capture_video", "track"} <= set(run)
     assert not {"total_steps", "learning_rate", "step_rounding", "impl"} & set(run)
     lines = source.splitlines()
     for field, doc in zip(body[::2], body[1::2], strict=True):
@@ -444,11 +444,16 @@ def test_num_seeds_gives_separate_folders_with_different_curves(tiny_runs):
 
 
 @same_worker
-def test_equal_seeds_give_identical_returns(tiny_runs, compile_cache, tmp_path):
-    run_ppo(compile_cache, *TINY, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(tmp_path / "again"))
+def test_equal_seeds_give_identical_returns(tiny_runs, compile_cache, tmp_path, monkeypatch):
+    """The tiny batch again, with --track (W&B offline): the same numbers, and one W&B run per seed folder that
+    holds the logged scalars."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_ppo(compile_cache, *TINY, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(tmp_path / "again"), "--track")
     for original, again in zip(tiny_runs, (Path(f"{tmp_path}/again__3"), Path(f"{tmp_path}/again__4")), strict=True):
         columns = [(r["return"], r["return_deterministic"]) for r in read_eval(original)]
         assert columns == [(r["return"], r["return_deterministic"]) for r in read_eval(again)]
+        (wandb_file,) = (again / "wandb").glob("offline-run-*/run-*.wandb")
+        assert b"eval/return" in wandb_file.read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------------------------
