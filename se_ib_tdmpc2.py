@@ -1586,8 +1586,7 @@ class Checkpoints:
                                                cleanup_tmp_directories=True)  # what a killed save left behind
         self.manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
         # orbax logs a failed write (a full disk) with tracebacks from its threads; check_written says it in one line
-        logging.getLogger("absl").addFilter(lambda record: not (record.exc_info and
-                                                                isinstance(record.exc_info[1], OSError)))
+        logging.getLogger("absl").addFilter(lambda record: not (record.exc_info and "orbax" in record.pathname))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
