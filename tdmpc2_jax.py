@@ -1433,6 +1433,10 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
         # orbax logs a failed write (a full disk) with tracebacks from its threads; check_written says it in one line
         logging.getLogger("absl").addFilter(lambda record: not (record.exc_info and "orbax" in record.pathname))
+        # and once a write failed, its sibling writes fail unretrieved or call back into orbax's closed event loop
+        unretrieved = "exception was never retrieved"
+        logging.getLogger("asyncio").addFilter(lambda record: unretrieved not in record.getMessage())
+        sys.excepthook, sys.unraisablehook = map(without_closed_loop_errors, (sys.excepthook, sys.unraisablehook))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -1645,6 +1649,15 @@ class EvalLog:
         self.file.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
+
+
+def without_closed_loop_errors(hook):
+    """sys.excepthook or sys.unraisablehook minus "Event loop is closed" (callbacks that outlived orbax's loop)."""
+    def report(*details):  # excepthook gets (type, error, traceback), unraisablehook one record
+        error = details[1] if len(details) == 3 else details[0].exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            hook(*details)
+    return report
 
 
 def first_line(error: Exception) -> str:
