@@ -20,8 +20,10 @@ Formulas, implementation details with their Brax sources, logged metrics and mea
 """
 
 import dataclasses
+import errno
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -725,165 +727,108 @@ def train(args: Args) -> list[Path]:
     and return []."""
     if args.distributed:
         start_distributed()  # before anything asks JAX for its devices
-    resumed = args.resume is not None
-    if resumed:
-        args, dirs = resume_config(args)
+    args, dirs = resume_config(args) if args.resume is not None else (args, None)
     if args.capture_video and sys.platform == "linux":  # before MuJoCo is imported: it picks its backend then
         os.environ.setdefault("MUJOCO_GL", "egl")  # Mesa's EGL renders without a display, on CPU-only machines too
     args, env = setup(args)
-    if not resumed:
-        dirs = run_dirs(args)
-        if used := [str(d) for d in dirs if (d / "checkpoints").exists()]:
-            raise UserError(f"{used[0]} already holds a run's checkpoints; continue it with --resume, or choose "
-                            "another --run-dir")
+    dirs = dirs or new_run_dirs(args)
     if args.dry_run:
         print(json.dumps(run_config(args, 0), indent=2))
         return []
-    mesh = seed_mesh(args.num_seeds)
-    local = local_seeds(args.num_seeds, mesh)  # the seeds whose devices this process holds: the folders it writes
-
-    from tensorboardX import SummaryWriter  # imported here: importing this file stays cheap
-
-    start = time.time()
-    if resumed:  # before anything is written: a refused resume leaves the folders as they were
-        resume_step, stored, loop = restore_batch(env, args, [dirs[i] for i in local])
-        if resume_step > args.total_steps_resolved:
-            raise UserError(f"--resume: the run is at step {resume_step}, past --total-steps {args.total_steps} "
-                            f"({args.total_steps_resolved} with rounding)")
-        carry = jax.tree.map(functools.partial(jax.make_array_from_process_local_data, seed_sharding(mesh)), stored)
-        # Through the sharded program, so that its arrays are laid out as the training programs' outputs are (JAX
-        # replicates zero-size ones), and the iteration compiled for them accepts what it returns.
-        carry = over_seeds(lambda c: c, mesh)(carry)
-        print(f"resumed from step {resume_step}", flush=True)
-    else:
-        resume_step, loop = 0, dict(iteration=0, train_time=0.0, wall_time=0.0)
-        keys = seed_sharded(mesh, np.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]))
-        carry = over_seeds(functools.partial(init_carry, env, args), mesh)(keys)
-    backend = args.impl if args.impl != "warp" else f"warp, naconmax {args.naconmax}, njmax {args.njmax}"
-    print(f"{args.env_id} ({backend}): {args.num_iterations} iterations x {args.steps_per_iteration:,} env steps = "
-          f"{args.total_steps_resolved:,} env steps (requested {args.total_steps:,}; --step-rounding "
+    start, mesh = time.time(), seed_mesh(args.num_seeds)
+    runs = SeedRuns(args, mesh, dirs)
+    carry, loop = runs.start(env)
+    print(f"{args.env_id} ({backend(args)}): {args.num_iterations} iterations x {args.steps_per_iteration:,} env "
+          f"steps = {args.total_steps_resolved:,} env steps (requested {args.total_steps:,}; --step-rounding "
           f"{args.step_rounding}); {len(args.eval_steps)} evaluations; hard reset every "
           f"{args.iterations_per_epoch} iteration(s)" + ("" if args.num_resets_per_eval > 0 else " disabled") +
           f"; {seeds_on_devices(args, mesh)}", flush=True)
-
-    writers, csv_files, tracked, meta = {}, {}, {}, run_metadata()
-    for i in local:
-        run_dir, config = dirs[i], run_config(args, i)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        record = {**config, "batch_run_dirs": [d.name for d in dirs], "metadata": meta}
-        atomic_write(run_dir / "args.json", json.dumps(record, indent=2).encode())
-        # TensorBoard drops the events after the checkpoint step, which the resumed run writes again.
-        writers[i] = SummaryWriter(str(run_dir), purge_step=resume_step + 1 if resumed else None)
-        writers[i].add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in config.items()))
-        if args.track:
-            tracked[i] = start_tracking(args, run_dir, config)
-        if resumed:
-            drop_eval_rows_after(run_dir / "eval.csv", resume_step)
-            csv_files[i] = open(run_dir / "eval.csv", "a")  # kept open for the run, flushed per row
-        else:
-            csv_files[i] = open(run_dir / "eval.csv", "w")
-            csv_files[i].write("step,wall_time,return,return_deterministic\n")
-            csv_files[i].flush()
-    managers = dict(zip(local, checkpoint_managers(args, [dirs[i] for i in local]), strict=True))
-    stop, old_handlers = stop_on_signals()  # from here on a signal ends the run with a checkpoint
-
-    def scalars(i: int, step: int, values: dict):
-        """Seed i's scalars at `step`, to TensorBoard (and to Weights & Biases with --track)."""
-        for name, value in values.items():
-            writers[i].add_scalar(name, value, step)
-        if i in tracked:
-            tracked[i].log(values, step=step)
-
-    reset_fn = over_seeds(functools.partial(reset_training_envs, env, args), mesh)
     ts = carry.pop("ts")  # carry keeps the two keys
     iteration_fn = over_seeds(functools.partial(training_iteration, env, args), mesh, donate=True)
     iteration_fn = iteration_fn.lower(ts).compile()
+    reset_fn = over_seeds(functools.partial(reset_training_envs, env, args), mesh)
     # The evaluation key depends only on the iteration: evaluations are the same however often the run was resumed.
-    def evaluation(record: bool):  # with record, also the poses of the first deterministic episode (for videos)
-        return over_seeds(lambda params, normalizer, key, iteration: evaluate(
-            env, args, params, normalizer, jax.random.fold_in(key, iteration), record), mesh, in_axes=(0, 0, 0, None))
-
-    eval_fn, eval_recorded_fn = evaluation(False), evaluation(True)  # each compiles at its first call
+    # With record, the evaluation also returns the poses of the first deterministic episode (for videos).
+    evaluate_fn = {record: over_seeds(lambda params, normalizer, key, iteration, record=record: evaluate(
+        env, args, params, normalizer, jax.random.fold_in(key, iteration), record), mesh, in_axes=(0, 0, 0, None))
+        for record in (False, True)}  # each compiles at its first call
     videos = Videos.open(env, args) if args.capture_video else None
     print(f"compiled the training iteration in {time.time() - start:.1f} s", flush=True)
-    wall_start = time.time() - loop["wall_time"]  # eval.csv's wall_time continues across resumes
 
-    def run_eval(step: int, iteration: int) -> None:
-        eval_args = (ts.params, ts.normalizer, carry["k_eval"], iteration)
-        if videos is not None and args.eval_steps.index(step) % args.video_every == 0:
-            returns, poses = eval_recorded_fn(*eval_args)
-        else:
-            returns, poses = eval_fn(*eval_args), None
-        returns = local_seed_rows(returns)
-        wall = time.time() - wall_start
-        for i, (ret, ret_det) in returns.items():
-            csv_files[i].write(f"{step},{wall:.3f},{ret:.6f},{ret_det:.6f}\n")
-            csv_files[i].flush()
-            scalars(i, step, {"eval/return": float(ret), "eval/return_deterministic": float(ret_det)})
-        ret, ret_det = (np.array([r[k] for r in returns.values()]) for k in (0, 1))
-        print(f"eval step={step:,} return={np.array2string(ret, precision=1)} "
-              f"deterministic={np.array2string(ret_det, precision=1)}", flush=True)
+    def run_eval(step: int, iteration: int):
+        record = videos is not None and args.eval_steps.index(step) % args.video_every == 0
+        returns = evaluate_fn[record](ts.params, ts.normalizer, carry["k_eval"], iteration)
+        returns, poses = returns if record else (returns, None)
+        runs.log_eval(step, progress.wall_time(), local_seed_rows(returns))
         if poses is not None:  # drawn here, outside the jitted programs
             for i, seed_poses in local_seed_rows(poses).items():
-                videos.write(dirs[i] / "videos", step, seed_poses)
+                videos.write(runs.dirs[i] / "videos", step, seed_poses)
 
-    first = loop["iteration"] + 1
-    if first == 1 and 0 in args.eval_steps:
-        run_eval(0, 0)
-    train_time, last_print, loop_start, stopped = loop["train_time"], 0.0, time.time(), False
-    warned = set()  # warnings printed once per run
-    for iteration in range(first, args.num_iterations + 1):
-        t0 = time.time()
-        ts, metrics = iteration_fn(ts)
-        metrics = local_seed_rows(metrics)  # waits for the iteration
-        train_time += time.time() - t0
-        if args.num_resets_per_eval > 0 and iteration % args.iterations_per_epoch == 0:
-            env_state, carry["k_env"] = reset_fn(carry["k_env"])
-            ts = ts.replace(env_state=env_state)
-        step = iteration * args.steps_per_iteration
-        sps = step / max(train_time, 1e-9)  # per seed, compile excluded (compiled ahead of time)
-        for i, seed_metrics in metrics.items():
-            check_warp_flags(seed_metrics, step, args, i, warned)
-            values = {"charts/SPS": sps, **{f"losses/{name}": float(seed_metrics[name]) for name in LOSS_NAMES}}
-            if "warp_unconverged" in seed_metrics:
-                values["charts/warp_unconverged"] = float(seed_metrics["warp_unconverged"])
-            if seed_metrics["episodes"] > 0:
-                values["charts/episodic_return"] = float(seed_metrics["episodic_return"])
-            scalars(i, step, values)
-        evaluated = step in args.eval_steps
-        if evaluated:
-            run_eval(step, iteration)
-        now = time.time() - start
-        if evaluated or now - last_print > 5.0:
-            last_print = now
-            eta = (time.time() - loop_start) / (iteration - first + 1) * (args.num_iterations - iteration)
-            v_loss = np.mean([m["v_loss"] for m in metrics.values()])
-            print(f"step {step:,}/{args.total_steps_resolved:,} | SPS {sps:,.0f} per seed "
-                  f"({sps * args.num_seeds:,.0f} total) | v_loss {v_loss:.3f} | ETA {eta:.0f} s", flush=True)
-        if checkpoint_due(args, step) or stop:
-            for writer in writers.values():  # every event up to this step is on disk before the checkpoint says so
-                writer.flush()
-            loop = dict(iteration=iteration, train_time=train_time, wall_time=time.time() - wall_start)
-            save_checkpoint(managers, step, dict(carry, ts=ts), loop)
-        if stop and iteration < args.num_iterations:  # (a signal during the last iteration lets the run end)
-            print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {dirs[local[0]]}",
-                  flush=True)
-            stopped = True
-            break
+    first, progress, stop, stopped = loop["iteration"] + 1, Progress(args, loop), StopSignal(), False
+    try:
+        if first == 1 and 0 in args.eval_steps:
+            run_eval(0, 0)
+        for iteration in range(first, args.num_iterations + 1):
+            tick = time.time()
+            ts, metrics = iteration_fn(ts)
+            metrics = local_seed_rows(metrics)  # waits for the iteration
+            progress.add(time.time() - tick)
+            if args.num_resets_per_eval > 0 and iteration % args.iterations_per_epoch == 0:
+                env_state, carry["k_env"] = reset_fn(carry["k_env"])
+                ts = ts.replace(env_state=env_state)
+            step = iteration * args.steps_per_iteration
+            for i, seed_metrics in metrics.items():
+                check_warp_flags(seed_metrics, step, args, i, progress.warned)
+            runs.log_iteration(step, metrics, progress.sps(step))
+            if evaluated := step in args.eval_steps:
+                run_eval(step, iteration)
+            if line := progress.line(step, iteration, metrics, evaluated):
+                print(line, flush=True)
+            if checkpoint_due(args, step) or stop.signum is not None:
+                loop = dict(iteration=iteration, train_time=progress.train_time, wall_time=progress.wall_time())
+                print(runs.save(step, dict(carry, ts=ts), loop), flush=True)
+            if stop.signum is not None and iteration < args.num_iterations:  # (in the last one: the run ends)
+                stopped = True
+                break
+    finally:
+        stop.restore()
+        runs.close()
+    if stopped:
+        print(f"stopped at step {step}; resume with: python {Path(__file__).name} --resume {runs.dirs[runs.local[0]]}",
+              flush=True)
+        raise Preempted(stop.signum)
+    print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(runs.dirs[i]) for i in runs.local)}")
+    return runs.dirs
 
-    for sig, handler in old_handlers.items():
-        signal.signal(sig, handler)
-    for i in local:
-        writers[i].close()
-        csv_files[i].close()
-    for run in tracked.values():
-        run.finish()
-    if stopped and stop == [signal.SIGINT]:
-        sys.exit(128 + signal.SIGINT)
-    if not stopped:
-        print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(dirs[i]) for i in local)}")
-    return dirs
+
+class Progress:
+    """Wall time (eval.csv's, continued across resumes), training time (the compiled iterations only, so SPS
+    excludes compilation and evaluation), and one progress line at most every 5 s and at each evaluation."""
+
+    def __init__(self, args: Args, loop: dict):
+        self.args, self.first = args, loop["iteration"] + 1
+        self.start_time, self.loop_start = time.time() - loop["wall_time"], time.time()
+        self.train_time, self.last_line = loop["train_time"], -math.inf
+        self.warned = set()  # warnings printed once per run
+
+    def wall_time(self) -> float:
+        return time.time() - self.start_time
+
+    def add(self, seconds: float):
+        self.train_time += seconds
+
+    def sps(self, step: int) -> float:
+        return step / max(self.train_time, 1e-9)  # per seed
+
+    def line(self, step: int, iteration: int, metrics: dict, evaluated: bool) -> Optional[str]:
+        if not evaluated and time.time() - self.last_line <= 5.0:
+            return None
+        self.last_line = time.time()
+        iterations_done, sps = iteration - self.first + 1, self.sps(step)
+        eta = (time.time() - self.loop_start) / iterations_done * (self.args.num_iterations - iteration)
+        v_loss = np.mean([m["v_loss"] for m in metrics.values()])
+        return (f"step {step:,}/{self.args.total_steps_resolved:,} | SPS {sps:,.0f} per seed "
+                f"({sps * self.args.num_seeds:,.0f} total) | v_loss {v_loss:.3f} | ETA {eta:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1074,12 +1019,15 @@ def start_tracking(args: Args, run_dir: Path, config: dict):
                       dir=str(run_dir), reinit="create_new", save_code=True)
 
 
-def run_dirs(args: Args) -> list[Path]:
+def new_run_dirs(args: Args) -> list[Path]:
+    """The folders of a new batch; refused if one already holds a run's checkpoints."""
     seeds = [args.seed + i for i in range(args.num_seeds)]
     if args.run_dir is not None:
-        if args.num_seeds == 1:
-            return [Path(args.run_dir)]
-        return [Path(f"{args.run_dir}__{s}") for s in seeds]
+        dirs = [Path(args.run_dir)] if args.num_seeds == 1 else [Path(f"{args.run_dir}__{s}") for s in seeds]
+        if used := [str(d) for d in dirs if (d / "checkpoints").exists()]:
+            raise UserError(f"{used[0]} already holds a run's checkpoints; continue it with --resume, or choose "
+                            "another --run-dir")
+        return dirs
     stamp = int(time.time())
     if jax.process_count() > 1:  # every host names the folders alike
         from jax.experimental import multihost_utils
@@ -1157,28 +1105,125 @@ def checkpoint_due(args: Args, step: int) -> bool:
     return every > 0 and step // every > (step - args.steps_per_iteration) // every
 
 
-def checkpoint_managers(args: Args, dirs: list[Path]) -> list:
-    """One orbax CheckpointManager per run folder, on {run_dir}/checkpoints/{step}/, keeping the newest
-    --keep-checkpoints. Orbax writes each step to a temporary folder and renames it when complete."""
-    import orbax.checkpoint as ocp  # imported here: importing this file stays cheap
+class SeedRuns:
+    """The run folders of a batch of seeds, one per seed as if it had run alone (args.json with its own seed,
+    eval.csv, TensorBoard events, checkpoints). A process writes only the folders of the seeds its devices hold."""
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=args.keep_checkpoints, enable_async_checkpointing=False)
-    return [ocp.CheckpointManager((d / "checkpoints").absolute(), options=options) for d in dirs]
+    def __init__(self, args: Args, mesh, dirs: list[Path]):
+        self.args, self.mesh, self.dirs = args, mesh, dirs
+        self.local = local_seeds(args.num_seeds, mesh)
+        self.writers, self.eval_logs, self.tracked, self.managers = {}, {}, {}, {}
+
+    def start(self, env) -> tuple[dict, dict]:
+        """(carry, loop counters) of a new run, or of the newest step that every seed of a resumed batch restores
+        (read before anything is written: a refused resume leaves the folders as they were); then opens the logs."""
+        args = self.args
+        if args.resume is None:
+            keys = seed_sharded(self.mesh, np.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]))
+            self.open(resume_step=None)
+            return over_seeds(functools.partial(init_carry, env, args), self.mesh)(keys), dict(
+                iteration=0, train_time=0.0, wall_time=0.0)
+        step, stored, loop = restore_batch(env, args, [self.dirs[i] for i in self.local])
+        if step > args.total_steps_resolved:
+            raise UserError(f"--resume: the run is at step {step}, past --total-steps {args.total_steps} "
+                            f"({args.total_steps_resolved} with rounding)")
+        carry = jax.tree.map(functools.partial(jax.make_array_from_process_local_data, seed_sharding(self.mesh)),
+                             stored)
+        # Through the sharded program, so that its arrays are laid out as the training programs' outputs are (JAX
+        # replicates zero-size ones), and the iteration compiled for them accepts what it returns.
+        carry = over_seeds(lambda c: c, self.mesh)(carry)
+        print(f"resumed from step {step}", flush=True)
+        self.open(resume_step=step)
+        return carry, loop
+
+    def open(self, resume_step: Optional[int]):
+        import orbax.checkpoint as ocp  # imported here: importing this file stays cheap
+        from tensorboardX import SummaryWriter
+
+        # Orbax writes each step to a temporary folder and renames it when complete; synchronously, as PPO's state
+        # is small.
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.args.keep_checkpoints, enable_async_checkpointing=False)
+        meta = run_metadata()
+        for i in self.local:
+            run_dir, config = self.dirs[i], run_config(self.args, i)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record = {**config, "batch_run_dirs": [d.name for d in self.dirs], "metadata": meta}
+            atomic_write(run_dir / "args.json", json.dumps(record, indent=2).encode())
+            # TensorBoard drops the events after the checkpoint step, which the resumed run writes again.
+            self.writers[i] = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
+            self.writers[i].add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in config.items()))
+            if self.args.track:
+                self.tracked[i] = start_tracking(self.args, run_dir, config)
+            self.eval_logs[i] = EvalLog(run_dir / "eval.csv", ["step", "wall_time", "return", "return_deterministic"],
+                                        resume_step)
+            self.managers[i] = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+
+    def scalars(self, i: int, step: int, values: dict):
+        """Seed i's scalars at `step`, to TensorBoard (and to Weights & Biases with --track)."""
+        for name, value in values.items():
+            self.writers[i].add_scalar(name, value, step)
+        if i in self.tracked:
+            self.tracked[i].log(values, step=step)
+
+    def log_iteration(self, step: int, metrics: dict, sps: float):
+        for i, seed_metrics in metrics.items():
+            values = {"charts/SPS": sps, **{f"losses/{name}": float(seed_metrics[name]) for name in LOSS_NAMES}}
+            if "warp_unconverged" in seed_metrics:
+                values["charts/warp_unconverged"] = float(seed_metrics["warp_unconverged"])
+            if seed_metrics["episodes"] > 0:
+                values["charts/episodic_return"] = float(seed_metrics["episodic_return"])
+            self.scalars(i, step, values)
+
+    def log_eval(self, step: int, wall_time: float, returns: dict):
+        """`returns`: seed index -> (stochastic, deterministic) mean return."""
+        for i, (ret, ret_det) in returns.items():
+            self.eval_logs[i].write(step, round(wall_time, 2), float(ret), float(ret_det))
+            self.scalars(i, step, {"eval/return": float(ret), "eval/return_deterministic": float(ret_det)})
+        ret, ret_det = (np.array([r[k] for r in returns.values()]) for k in (0, 1))
+        print(f"eval step={step:,} return={np.array2string(ret, precision=1)} "
+              f"deterministic={np.array2string(ret_det, precision=1)}", flush=True)
+
+    def save(self, step: int, carry: dict, loop: dict) -> str:
+        """Seed i's slice of the seed-sharded carry goes to folder i (each folder is self-contained), with the loop
+        counters. A failed write (most often: the disk is full) stops the run in one line."""
+        import orbax.checkpoint as ocp
+
+        tick = time.time()
+        for writer in self.writers.values():  # every event up to this step is on disk before the checkpoint says so
+            writer.flush()
+        for i, seed_carry in local_seed_rows(carry).items():  # host copies: the device carry is donated next iteration
+            state = without_empty_arrays(seed_carry)
+            try:
+                self.managers[i].save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                    loop=ocp.args.JsonSave(loop)))
+            except Exception as e:  # noqa: BLE001 (orbax raises whatever the writer raised)
+                raise checkpoint_not_written(self.managers[i], step, state, e) from None
+        size = sum(f.stat().st_size for m in self.managers.values()
+                   for f in (Path(m.directory) / str(step)).rglob("*") if f.is_file())
+        return f"checkpoint step {step}: {size / 1e6:.1f} MB in {time.time() - tick:.2f} s"
+
+    def close(self):
+        for i in self.local:
+            for closeable in (self.writers.get(i), self.eval_logs.get(i), self.managers.get(i)):
+                if closeable is not None:
+                    closeable.close()
+        for run in self.tracked.values():
+            run.finish()
 
 
-def save_checkpoint(managers: dict, step: int, carry: dict, loop: dict) -> None:
-    """Seed i's slice of the seed-sharded carry goes to folder i (each folder is self-contained), with the loop
-    state; `managers` holds the folders of this process's seeds, by seed index."""
-    import orbax.checkpoint as ocp
-
-    t0 = time.time()
-    for i, seed_carry in local_seed_rows(carry).items():  # host copies: the device carry is donated next iteration
-        state = without_empty_arrays(seed_carry)
-        managers[i].save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       loop=ocp.args.JsonSave(loop)))
-    size = sum(f.stat().st_size for m in managers.values() for f in (Path(m.directory) / str(step)).rglob("*")
-               if f.is_file())
-    print(f"checkpoint step {step}: {size / 1e6:.1f} MB in {time.time() - t0:.2f} s", flush=True)
+def checkpoint_not_written(manager, step: int, state, error: Exception) -> UserError:
+    """The one line that stops a run whose checkpoint write failed: the disk, the step, the space it needed, the
+    newest intact checkpoint."""
+    manager.reload()
+    intact = [s for s in manager.all_steps() if s != step]
+    newest = f"step {max(intact)}" if intact else "none"
+    size = sum(x.nbytes for x in jax.tree.leaves(state))
+    folder = Path(manager.directory)
+    free = shutil.disk_usage(folder).free
+    return UserError(f"checkpoint step {step} could not be written to {folder} ({first_line(error)}): it needs about "
+                     f"{size / 1e6:.1f} MB, that disk has {free / 1e6:.1f} MB free; newest intact checkpoint: "
+                     f"{newest}; stopping (free space, then --resume {folder.parent})")
 
 
 def restore_batch(env, args: Args, dirs: list[Path]) -> tuple[int, dict, dict]:
@@ -1248,25 +1293,59 @@ def without_empty_arrays(tree):
     return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
 
 
-def drop_eval_rows_after(path: Path, step: int) -> None:
-    """Keep eval.csv's header and its complete rows up to `step` (the resumed run writes the later ones again)."""
-    lines = path.read_text().splitlines(keepends=True)
-    rows = [r for r in lines[1:] if r.endswith("\n") and r.count(",") == 3 and int(r.split(",")[0]) <= step]
-    atomic_write(path, "".join(lines[:1] + rows).encode())
+class EvalLog:
+    """eval.csv, appended and flushed row by row; a resumed run first drops the rows past its checkpoint (and a row
+    cut short by a kill)."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: Optional[int] = None):
+        if resume_step is None:
+            atomic_write(path, (",".join(columns) + "\n").encode())
+        else:
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines[1:] if line.endswith("\n") and int(line.split(",")[0]) <= resume_step]
+            atomic_write(path, "".join(lines[:1] + kept).encode())
+        self.file = open(path, "a")
+
+    def write(self, *values):
+        self.file.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self):
+        self.file.close()
 
 
-def stop_on_signals() -> tuple[list, dict]:
-    """SIGTERM and SIGINT ask the loop to stop after the current iteration (the returned list gets the signal);
-    a second signal exits at once. Returns that list and the previous handlers."""
-    received = []
+class Preempted(Exception):
+    """Raised after the checkpoint a SIGTERM or SIGINT asked for; exit code 0 for SIGTERM, 130 for SIGINT."""
 
-    def handler(signum, frame):
-        if received:
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 0 if signum == signal.SIGTERM else 130
+
+
+class StopSignal:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) let the current iteration finish and the loop write a checkpoint; a
+    second signal exits at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
             os._exit(128 + signum)
-        received.append(signum)
-        print("signal received: finishing the current iteration", flush=True)
+        self.signum = signum
+        print(f"{signal.Signals(signum).name} received: finishing the current iteration, then checkpointing "
+              "(send it again to exit at once)", flush=True)
 
-    return received, {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def backend(args: Args) -> str:
+    """'jax', or 'warp, naconmax 50000, njmax 50': the backend a run used, for its first printed line."""
+    return args.impl if args.impl != "warp" else f"warp, naconmax {args.naconmax}, njmax {args.njmax}"
 
 
 def check_warp_flags(metrics: dict, step: int, args: Args, seed_index: int, warned: set):
@@ -1300,9 +1379,36 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def quiet_failed_checkpoint_writes():
+    """A failed checkpoint write (a full disk) is reported by checkpoint_not_written in one line; without this,
+    orbax also logs it with tracebacks from its threads, and its sibling writes then fail unretrieved or call back
+    into orbax's closed event loop. Installed once, by the command line entry point."""
+    logging.getLogger("absl").addFilter(lambda record: not (record.exc_info and "orbax" in record.pathname))
+    unretrieved = "exception was never retrieved"
+    logging.getLogger("asyncio").addFilter(lambda record: unretrieved not in record.getMessage())
+
+    def without_closed_loop_errors(hook):
+        def report(*details):  # excepthook gets (type, error, traceback), unraisablehook one record
+            error = details[1] if len(details) == 3 else details[0].exc_value
+            if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+                hook(*details)
+        return report
+
+    sys.excepthook, sys.unraisablehook = map(without_closed_loop_errors, (sys.excepthook, sys.unraisablehook))
+
+
 if __name__ == "__main__":
+    quiet_failed_checkpoint_writes()
     try:
         train(tyro.cli(Args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the disk of the run folder filled up or went away while writing logs
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            raise
+        print(f"error: {e.strerror} while writing {e.filename}; stopping (checkpoints written so far are intact)",
+              file=sys.stderr)
+        sys.exit(1)
+    except Preempted as e:
+        sys.exit(e.exit_code)

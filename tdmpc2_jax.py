@@ -1349,7 +1349,7 @@ class SeedRuns:
         return f"checkpoint step {step}: {size}, {time.time() - tick:.2f} s (written in the background)"
 
     def close(self):
-        for writer in self.writers.values():
+        for writer in [*self.writers.values(), *self.eval_logs.values()]:
             writer.close()
         for checkpoints in self.checkpoints.values():
             checkpoints.close()
@@ -1431,12 +1431,6 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                cleanup_tmp_directories=True)  # what a killed save left behind
         self.manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
-        # orbax logs a failed write (a full disk) with tracebacks from its threads; check_written says it in one line
-        logging.getLogger("absl").addFilter(lambda record: not (record.exc_info and "orbax" in record.pathname))
-        # and once a write failed, its sibling writes fail unretrieved or call back into orbax's closed event loop
-        unretrieved = "exception was never retrieved"
-        logging.getLogger("asyncio").addFilter(lambda record: unretrieved not in record.getMessage())
-        sys.excepthook, sys.unraisablehook = map(without_closed_loop_errors, (sys.excepthook, sys.unraisablehook))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -1634,14 +1628,15 @@ class Videos:
 
 
 class EvalLog:
-    """eval.csv, appended and flushed row by row; a resumed run first drops the rows past its checkpoint."""
+    """eval.csv, appended and flushed row by row; a resumed run first drops the rows past its checkpoint (and a row
+    cut short by a kill)."""
 
     def __init__(self, path: Path, columns: list[str], resume_step: Optional[int] = None):
         if resume_step is None:
             atomic_write(path, (",".join(columns) + "\n").encode())
         else:
             lines = path.read_text().splitlines(keepends=True)
-            kept = [line for line in lines[1:] if line.strip() and int(line.split(",")[0]) <= resume_step]
+            kept = [line for line in lines[1:] if line.endswith("\n") and int(line.split(",")[0]) <= resume_step]
             atomic_write(path, "".join(lines[:1] + kept).encode())
         self.file = open(path, "a")
 
@@ -1650,14 +1645,26 @@ class EvalLog:
         self.file.flush()
         os.fsync(self.file.fileno())
 
+    def close(self):
+        self.file.close()
 
-def without_closed_loop_errors(hook):
-    """sys.excepthook or sys.unraisablehook minus "Event loop is closed" (callbacks that outlived orbax's loop)."""
-    def report(*details):  # excepthook gets (type, error, traceback), unraisablehook one record
-        error = details[1] if len(details) == 3 else details[0].exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            hook(*details)
-    return report
+
+def quiet_failed_checkpoint_writes():
+    """A failed background write (a full disk) is reported by Checkpoints.check_written in one line; without this,
+    orbax also logs it with tracebacks from its threads, and its sibling writes then fail unretrieved or call back
+    into orbax's closed event loop. Installed once, by the command line entry point."""
+    logging.getLogger("absl").addFilter(lambda record: not (record.exc_info and "orbax" in record.pathname))
+    unretrieved = "exception was never retrieved"
+    logging.getLogger("asyncio").addFilter(lambda record: unretrieved not in record.getMessage())
+
+    def without_closed_loop_errors(hook):
+        def report(*details):  # excepthook gets (type, error, traceback), unraisablehook one record
+            error = details[1] if len(details) == 3 else details[0].exc_value
+            if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+                hook(*details)
+        return report
+
+    sys.excepthook, sys.unraisablehook = map(without_closed_loop_errors, (sys.excepthook, sys.unraisablehook))
 
 
 def first_line(error: Exception) -> str:
@@ -1718,6 +1725,7 @@ def format_time(seconds: float) -> str:
 if __name__ == "__main__":
     import tyro
 
+    quiet_failed_checkpoint_writes()
     try:
         train(tyro.cli(Args))
     except UserError as e:

@@ -38,6 +38,17 @@ TINY_TDMPC2 = [
     "--eval-freq", "400", "--eval-episodes", "2", "--buffer-size", "4000",
 ]
 
+# PPO: one CPU-sized config for every CLI run. Only total steps, evals and seed differ, which the compiled code never
+# sees, so the persistent compilation cache serves every run after the first.
+PPO_CPU = [
+    "--env-id", "CartpoleBalance", "--impl", "jax", "--num-envs", "64", "--batch-size", "32",
+    "--num-minibatches", "16", "--unroll-length", "20", "--num-updates-per-batch", "16",
+    "--value-hidden-sizes", "64", "64", "64", "--num-eval-envs", "16", "--num-seeds", "2", "--discounting", "0.97",
+]
+# 2 evaluations and 2 hard resets between them: Brax's rounding gives 2 iterations of 10,240 env steps.
+TINY_PPO = [*PPO_CPU, "--total-steps", "20000", "--num-evals", "2", "--num-resets-per-eval", "2",
+        "--episode-length", "1000"]
+
 # Learning config on CartpoleBalance: MPPI collection, UTD 2, official seeding (5,000 env steps, then a 5,000-update
 # burst). The learning tests run it for 10k env steps (~3.5 min on 2 cores) with every script, so they compare alike;
 # benchmarks/bench_tdmpc2.py runs it on to 30k.

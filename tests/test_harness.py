@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_TDMPC2, read_eval, run_script
+from conftest import REPO, TINY_PPO, TINY_TDMPC2, read_eval, run_script
 
 SCRIPTS = ["tdmpc2_jax.py", "tdmpc_glass_jax.py", "se_ib_tdmpc2.py", "ppo_playground.py"]
 
@@ -66,6 +66,21 @@ def test_full_disk_stops_in_one_line_and_loses_nothing(small_disk, tdmpc2_tiny_r
     assert "resumed from step 400\n" in out
     strip = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
     assert strip(read_eval(moved)) == strip(read_eval(tdmpc2_tiny_run))
+
+
+def test_ppo_full_disk_stops_in_one_line(small_disk):
+    """PPO writes its checkpoints synchronously: the failed write stops the run at once, in the same one line."""
+    run_dir = small_disk / "ppo"
+    proc = run_script("ppo_playground.py", *TINY_PPO, "--num-seeds", "1", "--checkpoint-every", "10240",
+                      "--run-dir", str(run_dir), check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(
+        rf"error: checkpoint step 20480 could not be written to {re.escape(str(run_dir / 'checkpoints'))} \(.+\): "
+        r"it needs about 0\.\d MB, that disk has 0\.\d MB free; newest intact checkpoint: step 10240; stopping "
+        rf"\(free space, then --resume {re.escape(str(run_dir))}\)", error), error
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["10240"]
 
 
 def test_track_logs_each_seed_to_wandb_offline(tmp_path):

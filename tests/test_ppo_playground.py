@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
+    PPO_CPU,
     REPO,
+    TINY_PPO,
     TWO_DEVICES,
     read_eval,
     read_tb_scalars,
@@ -30,17 +32,6 @@ from conftest import (
 from scipy import stats
 
 import ppo_playground as P
-
-# One CPU-sized config for every CLI run. Only total steps, evals and seed differ, which the compiled code never sees,
-# so the persistent compilation cache serves every run after the first.
-CPU_CFG = [
-    "--env-id", "CartpoleBalance", "--impl", "jax", "--num-envs", "64", "--batch-size", "32",
-    "--num-minibatches", "16", "--unroll-length", "20", "--num-updates-per-batch", "16",
-    "--value-hidden-sizes", "64", "64", "64", "--num-eval-envs", "16", "--num-seeds", "2", "--discounting", "0.97",
-]
-# 2 evaluations and 2 hard resets between them: Brax's rounding gives 2 iterations of 10,240 env steps.
-TINY = [*CPU_CFG, "--total-steps", "20000", "--num-evals", "2", "--num-resets-per-eval", "2",
-        "--episode-length", "1000"]
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +388,7 @@ def test_cli_bad_input_one_line_error():
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, compile_cache) -> list[Path]:
     base = tmp_path_factory.mktemp("ppo") / "tiny"
-    run_ppo(compile_cache, *TINY, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(base), "--save-model")
+    run_ppo(compile_cache, *TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(base), "--save-model")
     return [Path(f"{base}__3"), Path(f"{base}__4")]
 
 
@@ -428,7 +419,7 @@ def test_cli_smoke_writes_run_folder(tiny_runs):
 def test_dry_run_prints_what_args_json_holds(tiny_runs, tmp_path):
     """Same flags as the tiny run but another --run-dir: the printed object is its first args.json but for that
     and the metadata."""
-    flags = [*TINY, "--seed", "3", "--exp-name", "tiny", "--save-model", "--run-dir", str(tmp_path / "dry")]
+    flags = [*TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--save-model", "--run-dir", str(tmp_path / "dry")]
     printed = json.loads(run_script("ppo_playground.py", *flags, "--dry-run").stdout)
     assert list(tmp_path.iterdir()) == []
     written = json.loads((tiny_runs[0] / "args.json").read_text())
@@ -448,7 +439,8 @@ def test_equal_seeds_give_identical_returns(tiny_runs, compile_cache, tmp_path, 
     """The tiny batch again, with --track (W&B offline): the same numbers, and one W&B run per seed folder that
     holds the logged scalars."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run_ppo(compile_cache, *TINY, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(tmp_path / "again"), "--track")
+    run_ppo(compile_cache, *TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(tmp_path / "again"),
+            "--track")
     for original, again in zip(tiny_runs, (Path(f"{tmp_path}/again__3"), Path(f"{tmp_path}/again__4")), strict=True):
         columns = [(r["return"], r["return_deterministic"]) for r in read_eval(original)]
         assert columns == [(r["return"], r["return_deterministic"]) for r in read_eval(again)]
@@ -498,7 +490,7 @@ def test_resume_extends_exactly_like_a_longer_run(extended_runs, compile_cache, 
     one with --num-evals 3 (evaluations at 0, T, 2T) and the same hard-reset period (every iteration)."""
     resumed, proc = extended_runs
     assert "resumed from step 20480" in proc.stdout and "--num-evals 2 -> 3" in proc.stdout
-    run_ppo(compile_cache, *TINY, "--seed", "3", "--exp-name", "tiny", "--total-steps", "40960", "--num-evals", "3",
+    run_ppo(compile_cache, *TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--total-steps", "40960", "--num-evals", "3",
             "--save-model", "--run-dir", str(tmp_path / "long"))
     for seed, run_dir in zip((3, 4), resumed, strict=True):
         long = tmp_path / f"long__{seed}"
@@ -537,12 +529,13 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(compile_cache, tmp_
     exit 0. The resume runs the rest, and the run ends as an uninterrupted one would (evaluations at 0 and the
     end; each seed's folder holds its checkpoints)."""
     run_dir = tmp_path / "term"
-    flags = [*CPU_CFG, "--total-steps", "61440", "--num-evals", "2", "--num-resets-per-eval", "2",
+    flags = [*PPO_CPU, "--total-steps", "61440", "--num-evals", "2", "--num-resets-per-eval", "2",
              "--episode-length", "1000", "--seed", "3", "--run-dir", str(run_dir)]
     code, out = sigterm_after_first_progress_line("ppo_playground.py", *flags)
     lines = out.splitlines(keepends=True)
     assert code == 0, out
-    assert "signal received: finishing the current iteration\n" in lines
+    assert ("SIGTERM received: finishing the current iteration, then checkpointing (send it again to exit at "
+            "once)\n") in lines
     (stopped,) = [line for line in lines if line.startswith("stopped at step ")]
     step = int(stopped.split()[3].rstrip(";"))
     assert 0 < step < 61440 and stopped.strip().endswith(f"--resume {run_dir}__3")
@@ -627,7 +620,7 @@ def test_capture_video_writes_decodable_mp4s_per_seed_and_changes_no_number(tiny
     (step 0; evaluation 1, the final one, is not a multiple of 2), 1001 frames (the reset state and 1000 agent steps)
     at CartpoleBalance's control rate, and eval.csv is that of the same run without video."""
     base = tmp_path / "video"
-    run_ppo(compile_cache, *TINY, "--seed", "3", "--exp-name", "tiny", "--save-model", "--run-dir", str(base),
+    run_ppo(compile_cache, *TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--save-model", "--run-dir", str(base),
             "--capture-video", "--video-every", "2", "--video-height", "48", "--video-width", "64")
     for seed, without_video in zip((3, 4), tiny_runs, strict=True):
         run_dir = Path(f"{base}__{seed}")
@@ -651,7 +644,7 @@ def test_two_devices_reproduce_the_one_device_batch_up_to_rounding(tiny_runs, tm
     docs/ppo.md, "Seeds over devices and hosts"). A --resume of the sharded batch continues both seeds exactly as
     the uninterrupted sharded batch, and a seed count that the devices do not divide is refused in one line."""
     base = tmp_path / "two"
-    flags = [*TINY, "--seed", "3", "--exp-name", "tiny", "--save-model"]
+    flags = [*TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--save-model"]
     out = run_script("ppo_playground.py", *flags, "--run-dir", str(base), env=TWO_DEVICES).stdout
     assert "2 seeds, 1 per device on 2 devices" in out
     two = [Path(f"{base}__{seed}") for seed in (3, 4)]
@@ -675,7 +668,7 @@ def test_two_devices_reproduce_the_one_device_batch_up_to_rounding(tiny_runs, tm
         assert [r[0] for r in eval_returns(run_dir)] == ["0", "20480", "40960"]
         assert eval_returns(run_dir) == eval_returns(tmp_path / f"long__{seed}")
 
-    proc = run_script("ppo_playground.py", *TINY, "--num-seeds", "3", check=False, env=TWO_DEVICES)
+    proc = run_script("ppo_playground.py", *TINY_PPO, "--num-seeds", "3", check=False, env=TWO_DEVICES)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --num-seeds 3 is not a multiple of the 2 devices; the nearest that is: 4")
 
@@ -696,7 +689,7 @@ def test_learns_cartpole_balance(compile_cache, tmp_path):
     The baseline is measured in the same run: the step-0 evaluation of the randomly initialised stochastic policy
     (random actions, about 250 here; a balanced pole scores about 1000). The mean final return over the two vmapped
     seeds must clearly beat it (measured: 254 -> 408 on a 2-core AMD EPYC; docs/ppo.md, "Learning")."""
-    run_ppo(compile_cache, *CPU_CFG, "--total-steps", "204800", "--num-evals", "5", "--num-resets-per-eval", "5",
+    run_ppo(compile_cache, *PPO_CPU, "--total-steps", "204800", "--num-evals", "5", "--num-resets-per-eval", "5",
             "--seed", "1", "--run-dir", str(tmp_path / "learn"))
     rows = [read_eval(tmp_path / f"learn__{seed}") for seed in (1, 2)]
     random_return = np.mean([float(r[0]["return"]) for r in rows])
