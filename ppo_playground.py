@@ -1067,7 +1067,7 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     args.seed -= seed_index  # the batch's first seed
     args.save_model |= cli.save_model
-    args.dry_run, args.distributed = cli.dry_run, cli.distributed
+    args.resume, args.dry_run, args.distributed = cli.resume, cli.dry_run, cli.distributed
     for name in ("track", "wandb_project_name", "wandb_entity"):  # as given now, else as the run had them
         if getattr(cli, name) != getattr(defaults, name):
             setattr(args, name, getattr(cli, name))

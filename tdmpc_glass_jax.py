@@ -207,12 +207,18 @@ class Args:
     """env steps between full-state checkpoints (unset = --eval-freq; 0 = none); one is also written at the end"""
     keep_checkpoints: int = 2
     """newest checkpoints kept in {run_dir}/checkpoints (older ones are deleted)"""
+    keep_every: int = 0
+    """also keep every checkpoint at a multiple of this many env steps (0 = none; a multiple of --checkpoint-every)"""
     save_model: bool = False
     """write the final checkpoint even with --checkpoint-every 0"""
     resume: Optional[str] = None
     """run folder to continue from its newest complete checkpoint (only run flags and --total-steps may change)"""
     dry_run: bool = False
     """print the resolved config as one JSON object and exit, writing nothing"""
+    evaluate: Optional[str] = None
+    """run folder whose checkpoint to evaluate instead of training (to {run_dir}/evaluations/step{N}.json)"""
+    evaluate_step: Optional[int] = None
+    """with --evaluate: the env step of the checkpoint (unset = the newest complete one)"""
     capture_video: bool = False
     """record eval videos (pi, MPPI) with each frame's Glass cluster, and glass/clusters_step{N}.png (S, P, clusters)"""
     video_every: int = 1
@@ -424,7 +430,8 @@ def resolve_args(args: Args, venv) -> Args:
                          "glass_lambda_temp_stability", "glass_lambda_super_se", "glass_lambda_super_balance",
                          "glass_assign_init_scale", "glass_warmup_steps", "glass_off_step", "latent_smooth_coef",
                          "latent_smooth_start_step", "arbitration_margin"]
-    nonnegative = ["pretrain_updates", "num_pi_trajs", "collect_noise", "entropy_coef", "dropout", "checkpoint_every"]
+    nonnegative = ["pretrain_updates", "num_pi_trajs", "collect_noise", "entropy_coef", "dropout", "checkpoint_every",
+                   "keep_every"]
     for name in nonnegative + glass_nonnegative:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
@@ -445,6 +452,9 @@ def resolve_args(args: Args, venv) -> Args:
         (args.buffer_size // args.num_envs > args.horizon,
          f"--buffer-size ({args.buffer_size}) holds fewer than horizon+1 steps per env with {args.num_envs} envs"),
         (args.discount < 1, f"--discount must be below 1, got {args.discount}"),
+        (not args.keep_every or (args.checkpoint_every and args.keep_every % args.checkpoint_every == 0),
+         f"--keep-every ({args.keep_every}) must be a multiple of --checkpoint-every ({args.checkpoint_every}): "
+         "checkpoints are written only there"),
         (seed_vector_steps >= args.horizon,
          f"--seed-steps ({seed_steps}) must cover at least horizon={args.horizon} vector steps "
          f"({args.horizon * env_steps_per_vector_step} env steps) so that the first batch has whole sequences"),
@@ -1216,11 +1226,11 @@ class Trainer:
         return jax.lax.scan(self.vector_step, carry, None, length=num_vector_steps)
 
     def evaluate(self, agent: AgentState, key, record: bool = False):
-        """Mean undiscounted return of `eval_episodes` full episodes with the policy mean and with MPPI (no noise);
-        both sets of episodes step together as one batch of envs. With `record`, also the poses of the first episode
-        of each mode, (T + 1, 2) per field of RENDER_FIELDS plus `alive` and `cluster` (the Glass cluster of each
-        frame's latent), for `Videos` and `write_cluster_figure` to draw afterwards, and the partition `S` the labels
-        used (without `record` the compiled program is the one without video)."""
+        """Undiscounted returns of `eval_episodes` full episodes with the policy mean and with MPPI (no noise), as
+        ((episodes,), (episodes,)); both sets of episodes step together as one batch of envs. With `record`, also the
+        poses of the first episode of each mode, (T + 1, 2) per field of RENDER_FIELDS plus `alive` and `cluster` (the
+        Glass cluster of each frame's latent), for `Videos` and `write_cluster_figure` to draw afterwards, and the
+        partition `S` the labels used (without `record` the compiled program is the one without video)."""
         venv, num = self.venv, self.args.eval_episodes
         k_reset, k_steps = jax.random.split(key)
         first_of_each_mode = jnp.array([0, num])
@@ -1261,7 +1271,7 @@ class Trainer:
             t=jnp.zeros((), jnp.int32),
         )
         final, recorded = jax.lax.scan(step, init, jax.random.split(k_steps, venv.max_agent_steps))
-        returns = final.total_return[:num].mean(), final.total_return[num:].mean()
+        returns = final.total_return[:num], final.total_return[num:]
         if not record:
             return returns, None
         start = poses(init.env_state, init.alive)
@@ -1298,14 +1308,8 @@ def train(args: Args) -> list[Path]:
     env_steps_per_vector_step = args.num_envs * args.action_repeat
     chunk_vector_steps = max(1, min(args.log_freq, args.eval_freq) // env_steps_per_vector_step)
     train_chunk = over_seeds(partial(trainer.chunk, num_vector_steps=chunk_vector_steps), mesh, donate=True)
-    # The eval key depends only on the step: evaluations are the same however often the run was resumed. With
-    # record, the evaluation also returns the first episode of each mode (for videos and clusters).
-    evaluate = {record: over_seeds(lambda agent, key, step, record=record: trainer.evaluate(
-        agent, jax.random.fold_in(key, step), record), mesh, in_axes=(0, 0, None)) for record in (False, True)}
-    # Seed s draws exactly the keys a solo run of seed s draws.
-    seed_keys = [jax.random.key_data(jax.random.split(jax.random.key(args.seed + i))) for i in range(args.num_seeds)]
-    keys = jax.random.wrap_key_data(seed_sharded(mesh, np.stack(seed_keys)))
-    k_eval, k_init = keys[:, 0], keys[:, 1]
+    evaluate = evaluation_programs(trainer, mesh)
+    k_eval, k_init = seed_keys(args, mesh)
     arbitrate = args.arbitration_margin is not None
     # Glass's diagnostics batch: drawn with the step's eval key folded with GLASS_KEY_DATA, so it too is the same
     # however often the run was resumed.
@@ -1329,12 +1333,11 @@ def train(args: Args) -> list[Path]:
             finished = step >= args.total_steps
             if stop.signum is None and (step >= loop["next_eval"] or finished):
                 record = args.capture_video and (step // args.eval_freq) % args.video_every == 0
-                (returns_pi, returns_mppi), recorded = evaluate[record](carry.agent, k_eval, step)
-                for i, (pi, mppi) in local_seed_rows((returns_pi, returns_mppi)).items():
-                    returns[i] = {"pi": float(pi), "mppi": float(mppi)}
-                    if arbitrate:  # chosen on the episodes it reports, so (like best-any) an optimistic number
-                        better = returns[i]["mppi"] > returns[i]["pi"] + args.arbitration_margin
-                        returns[i]["arb"] = returns[i]["mppi" if better else "pi"]
+                per_episode, recorded = evaluate[record](carry.agent, k_eval, step)
+                for i, (pi, mppi) in local_seed_rows(per_episode).items():
+                    returns[i] = {"pi": float(np.mean(pi)), "mppi": float(np.mean(mppi))}
+                    if arbitrate:
+                        returns[i]["arb"] = returns[i][arbitrated_mode(returns[i], args)]
                 runs.log_eval(step, progress.wall_time(), returns)
                 if recorded is not None:  # drawn here, outside the jitted programs
                     for i, seed_recorded in local_seed_rows(recorded).items():
@@ -1370,6 +1373,89 @@ def train(args: Args) -> list[Path]:
     print(f"done: {step:,} env steps in {format_time(progress.wall_time())}; final eval: "
           f"{format_returns(returns)}; results in {', '.join(map(str, runs.dirs))}", flush=True)
     return runs.dirs
+
+
+def evaluation_programs(trainer: Trainer, mesh) -> dict:
+    """record -> the jitted evaluation over seeds, (agent, eval key, step) -> (per-episode returns, poses). The key
+    depends only on the step: evaluations are the same however often the run was resumed, and --evaluate gives them
+    again. With record, the evaluation also returns the first episode of each mode (for videos and clusters)."""
+    return {record: over_seeds(lambda agent, key, step, record=record: trainer.evaluate(
+        agent, jax.random.fold_in(key, step), record), mesh, in_axes=(0, 0, None)) for record in (False, True)}
+
+
+EVALUATION_FLAGS = ("evaluate", "evaluate_step", "eval_episodes", "capture_video", "video_height", "video_width")
+
+
+def evaluate_run(cli: Args) -> Path:
+    """--evaluate RUN_DIR: the agent of one checkpoint, evaluated as the training loop evaluated it at that step
+    (same program, same key: with the run's --eval-episodes the means are that step's eval.csv row). Writes
+    {run_dir}/evaluations/step{N}.json (and videos/ there with --capture-video) and nothing else."""
+    run_dir = Path(cli.evaluate)
+    config, _ = saved_config(run_dir, "--evaluate")
+    default = Args()
+    given = {f.name for f in dataclasses.fields(Args) if getattr(cli, f.name) != getattr(default, f.name)}
+    if refused := sorted(given - set(EVALUATION_FLAGS)):
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in EVALUATION_FLAGS[1:])
+        raise UserError(f"--evaluate: --{refused[0].replace('_', '-')} is not an evaluation flag; with --evaluate "
+                        f"only {allowed} may be given")
+    changed = {name: getattr(cli, name) for name in given}
+    if config.impl == "warp" and changed.get("eval_episodes", config.eval_episodes) != config.eval_episodes:
+        changed["naconmax"] = None  # sized again for the evaluation's env count
+    # one seed, the folder's own; the saved resume/run flags do not apply to an evaluation
+    config = dataclasses.replace(config, num_seeds=1, resume=None, dry_run=False, distributed=False, track=False)
+    args, venv, _ = setup(dataclasses.replace(config, **changed))
+    trainer, mesh = Trainer(args, venv), seed_mesh(1)
+    checkpoints = Checkpoints(run_dir, args.keep_checkpoints, read_only=True)
+    steps = checkpoints.manager.all_steps()
+    step = max(steps, default=None) if args.evaluate_step is None else args.evaluate_step
+    if step not in steps:
+        have = ", ".join(map(str, sorted(steps))) or "none (was it run with --checkpoint-every 0?)"
+        raise UserError(f"--evaluate {run_dir}: no checkpoint at step {step}; complete checkpoints: {have}")
+    carry_shapes = jax.eval_shape(trainer.init, jax.random.key(0))
+    try:
+        stored, _ = checkpoints.restore(step, carry_shapes)
+    except Exception as e:  # noqa: BLE001 (whatever a damaged file raises)
+        raise UserError(f"--evaluate {run_dir}: checkpoint step {step} cannot be read ({first_line(e)})") from None
+    stored = jax.tree.map(lambda x: x[None], stored)
+    stored = jax.tree.map(partial(jax.make_array_from_process_local_data, seed_sharding(mesh)), stored)
+    carry = over_seeds(lambda x: jax.tree.map(from_storable, x, carry_shapes), mesh)(stored)
+    per_episode, poses = evaluation_programs(trainer, mesh)[args.capture_video](carry.agent, seed_keys(args, mesh)[0],
+                                                                               step)
+    (per_episode,) = local_seed_rows(per_episode).values()
+    modes = {mode: episode_statistics(returns) for mode, returns in zip(("pi", "mppi"), per_episode, strict=True)}
+    if args.arbitration_margin is not None:  # the mode that the training loop's arb column would have taken
+        modes["arb"] = modes[arbitrated_mode({mode: stats["mean"] for mode, stats in modes.items()}, args)]
+    for mode, stats in modes.items():
+        interval = "-" if stats["ci95"] is None else "[{:.1f}, {:.1f}]".format(*stats["ci95"])
+        print(f"{run_dir} step {step:,}: {mode} {stats['mean']:.1f} (std {stats['std']:.1f}, 95% CI {interval}, "
+              f"{args.eval_episodes} episodes)", flush=True)
+    folder = run_dir / "evaluations"
+    folder.mkdir(exist_ok=True)
+    if poses is not None and (videos := Videos.open(venv, args)) is not None:
+        (seed_poses,) = local_seed_rows(poses).values()
+        videos.write(folder / "videos", step, jax.device_get(seed_poses))
+    record = {"run_dir": str(run_dir), "step": step, "episodes": args.eval_episodes, "modes": modes,
+              "metadata": run_metadata()}
+    atomic_write(folder / f"step{step}.json", json.dumps(record, indent=2).encode())
+    print(f"wrote {folder / f'step{step}.json'}", flush=True)
+    return folder / f"step{step}.json"
+
+
+def arbitrated_mode(means: dict, args: Args) -> str:
+    """MPPI when its mean beats pi's by --arbitration-margin, else pi; chosen on the episodes it reports, so (like
+    best-any) an optimistic number."""
+    return "mppi" if means["mppi"] > means["pi"] + args.arbitration_margin else "pi"
+
+
+def episode_statistics(returns: np.ndarray) -> dict:
+    """Per-episode returns, their mean (as eval.csv's), sample std and Student-t 95% interval of the mean."""
+    from scipy import stats
+
+    returns, mean = np.asarray(returns), float(np.mean(returns))  # float32 as the training loop averages them
+    std = float(np.std(returns.astype(np.float64), ddof=1)) if len(returns) > 1 else 0.0
+    half = float(stats.t.ppf(0.975, len(returns) - 1)) * std / math.sqrt(len(returns)) if len(returns) > 1 else None
+    return {"returns": returns.tolist(), "mean": mean, "std": std,
+            "ci95": None if half is None else [mean - half, mean + half]}
 
 
 def setup(args: Args) -> tuple[Args, VectorEnv, Optional[list[Path]]]:
@@ -1465,6 +1551,14 @@ def seed_sharded(mesh, host_array: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(host_array.shape, seed_sharding(mesh), lambda index: host_array[index])
 
 
+def seed_keys(args: Args, mesh) -> tuple[jax.Array, jax.Array]:
+    """(evaluation keys, init keys), one per seed, laid over the mesh: seed s draws exactly the keys a solo run of
+    seed s draws, and so does --evaluate of its folder."""
+    keys = [jax.random.key_data(jax.random.split(jax.random.key(args.seed + i))) for i in range(args.num_seeds)]
+    keys = jax.random.wrap_key_data(seed_sharded(mesh, np.stack(keys)))
+    return keys[:, 0], keys[:, 1]
+
+
 def seeds_on_devices(args: Args, mesh) -> str:
     per_device = args.num_seeds // mesh.size
     hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
@@ -1542,7 +1636,7 @@ class SeedRuns:
         self.local = sorted({i for index in held for i in range(args.num_seeds)[index[0]]})
         for i in self.local:
             prepare_run_dir(self.dirs[i])
-        self.checkpoints = {i: Checkpoints(self.dirs[i], args.keep_checkpoints) for i in self.local}
+        self.checkpoints = {i: Checkpoints(self.dirs[i], args.keep_checkpoints, args.keep_every) for i in self.local}
         self.writers, self.eval_logs, self.tracked = {}, {}, {}
 
     def start(self, init, keys, carry_shapes) -> tuple:
@@ -1732,12 +1826,14 @@ class Checkpoints:
     params (and optimiser state), its every-k update counter in the agent; the schedule is a function of the env
     step."""
 
-    def __init__(self, run_dir: Path, keep: int):
+    def __init__(self, run_dir: Path, keep: int, keep_every: int = 0, read_only: bool = False):
         import orbax.checkpoint as ocp  # imported here so that importing this file stays cheap
 
         self.ocp, self.run_dir, self.pending = ocp, run_dir, None  # pending: (step, bytes) of the write in flight
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               cleanup_tmp_directories=True)  # what a killed save left behind
+        # read_only (--evaluate, which never saves): a training run may be writing this folder, so nothing there is
+        # created or cleaned up; else a killed save's temporary folder is cleaned up
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None, create=not read_only,
+                                               cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
 
     def latest_step(self) -> Optional[int]:
@@ -1775,14 +1871,11 @@ class Checkpoints:
         """(stored carry, loop) of the newest checkpoint at or before `at_most` that reads back whole; a damaged one
         (a file cut short or corrupted) is moved to checkpoints_damaged/ with a warning and the one before it is
         tried. `from_storable` turns the stored carry back into a carry."""
-        args = self.ocp.args
         for step in sorted(self.manager.all_steps(), reverse=True):
             if at_most is not None and step > at_most:
                 continue
             try:
-                restored = self.manager.restore(step, args=args.Composite(
-                    state=args.StandardRestore(jax.eval_shape(partial(jax.tree.map, to_storable), carry_shapes)),
-                    loop=args.JsonRestore()))
+                return self.restore(step, carry_shapes)
             except Exception as e:  # noqa: BLE001 (whatever a damaged file raises, the previous checkpoint is next)
                 damaged = self.run_dir / "checkpoints_damaged"
                 damaged.mkdir(exist_ok=True)
@@ -1791,8 +1884,15 @@ class Checkpoints:
                 print(f"warning: checkpoint step {step} is damaged ({first_line(e)}); moved to {damaged}, trying the "
                       "previous one", flush=True)
                 continue
-            return jax.tree.map(np.asarray, restored.state), restored.loop
         raise UserError(f"--resume: no usable checkpoint in {self.run_dir / 'checkpoints'}")
+
+    def restore(self, step: int, carry_shapes) -> tuple:
+        """(stored carry as numpy arrays, loop) of the checkpoint at `step`."""
+        args = self.ocp.args
+        restored = self.manager.restore(step, args=args.Composite(
+            state=args.StandardRestore(jax.eval_shape(partial(jax.tree.map, to_storable), carry_shapes)),
+            loop=args.JsonRestore()))
+        return jax.tree.map(np.asarray, restored.state), restored.loop
 
     def delete_after(self, step: int):
         """Drop checkpoints past `step` (another seed of the batch could not go as far), so that they are rewritten."""
@@ -1825,32 +1925,38 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     """The config saved in `cli.resume`'s args.json and the run folders of its batch of seeds (any seed's folder
     restarts the whole batch). Of the flags given now, only those that cannot change the algorithm may differ."""
     run_dir = Path(cli.resume)
-    script = Path(__file__).name
-    if not (run_dir / "args.json").is_file():
-        what = "no such folder" if not run_dir.is_dir() else "no args.json there"
-        raise UserError(f"--resume {run_dir}: {what} (expected a run folder of {script})")
-    saved = json.loads((run_dir / "args.json").read_text())
-    known = {f.name for f in dataclasses.fields(Args)}
-    if saved.get("metadata", {}).get("script", script) != script or not set(saved) - {"metadata", "batch"} <= known:
-        raise UserError(f"--resume {run_dir}: that folder is a run of another script, not of {script}")
-    batch = saved.get("batch", {"seed_index": 0, "run_dirs": [run_dir.name]})
+    config, batch = saved_config(run_dir, "--resume")
     dirs = [run_dir.parent / name for name in batch["run_dirs"]]  # siblings: the batch may have been moved
     dirs[batch["seed_index"]] = run_dir  # or this folder renamed
     for folder in dirs:
         if not any(p.name.isdigit() for p in (folder / "checkpoints").glob("*")):
             raise UserError(f"--resume {run_dir}: no checkpoint in {folder} (was it run with --checkpoint-every 0?)")
-    config = Args(**{k: v for k, v in saved.items() if k in known})
     config = dataclasses.replace(config, seed=config.seed - batch["seed_index"])  # the batch's first seed
-    may_change = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "save_model", "dry_run",
-                  "distributed", "track", "wandb_project_name", "wandb_entity"}
+    may_change = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "keep_every", "save_model",
+                  "dry_run", "distributed", "track", "wandb_project_name", "wandb_entity"}
     default = Args()
-    for name in known - may_change:
+    for name in {f.name for f in dataclasses.fields(Args)} - may_change:
         given, before = getattr(cli, name), getattr(config, name)
         if given != getattr(default, name) and given != before:
             raise UserError(f"--resume: --{name.replace('_', '-')} {given} differs from the run's {before}; only "
                             "--total-steps and the checkpoint flags may change when resuming")
     changed = {k: getattr(cli, k) for k in may_change if getattr(cli, k) != getattr(default, k)}
     return dataclasses.replace(config, **changed), dirs
+
+
+def saved_config(run_dir: Path, flag: str) -> tuple[Args, dict]:
+    """The config in a run folder's args.json (with that folder's own seed) and its batch: the seed index and the
+    folder names of the seeds trained with it."""
+    script = Path(__file__).name
+    if not (run_dir / "args.json").is_file():
+        what = "no such folder" if not run_dir.is_dir() else "no args.json there"
+        raise UserError(f"{flag} {run_dir}: {what} (expected a run folder of {script})")
+    saved = json.loads((run_dir / "args.json").read_text())
+    known = {f.name for f in dataclasses.fields(Args)}
+    if saved.get("metadata", {}).get("script", script) != script or not set(saved) - {"metadata", "batch"} <= known:
+        raise UserError(f"{flag} {run_dir}: that folder is a run of another script, not of {script}")
+    batch = saved.get("batch", {"seed_index": 0, "run_dirs": [run_dir.name]})
+    return Args(**{k: v for k, v in saved.items() if k in known}), batch
 
 
 class Preempted(Exception):
@@ -2154,7 +2260,8 @@ if __name__ == "__main__":
 
     quiet_failed_checkpoint_writes()
     try:
-        train(tyro.cli(Args))
+        cli = tyro.cli(Args)
+        evaluate_run(cli) if cli.evaluate is not None else train(cli)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
