@@ -430,7 +430,7 @@ def test_run_logs_diagnostics_before_during_and_after_glass(tmp_path):
 # --- videos and cluster pictures ---
 def test_recorded_evaluation_returns_each_frames_cluster():
     """With `record` the evaluation also returns each recorded frame's cluster (an integer per frame and mode) and
-    the partition S the labels came from; without it, only the two returns (the program without video)."""
+    the partition S the labels came from; without it, only the two modes' returns (the program without video)."""
     venv = G.VectorEnv(G.load_env("CartpoleBalance", "jax", episode_length=100), action_repeat=2)
     args = G.resolve_args(G.Args(env_id="CartpoleBalance", num_envs=2, k_update=2, seed_steps=80, num_samples=16,
                                  num_elites=2, num_pi_trajs=2, glass_num_clusters=5, **SMALL), venv)
@@ -438,7 +438,7 @@ def test_recorded_evaluation_returns_each_frames_cluster():
     agent = jax.eval_shape(trainer.init, jax.random.key(0)).agent
     plain, nothing = jax.eval_shape(trainer.evaluate, agent, jax.random.key(1))
     assert nothing is None
-    assert [(x.shape, x.dtype) for x in plain] == [((), jnp.float32), ((), jnp.float32)]
+    assert [(x.shape, x.dtype) for x in plain] == [((args.eval_episodes,), jnp.float32)] * 2  # per episode
     _, recorded = jax.eval_shape(partial(trainer.evaluate, record=True), agent, jax.random.key(1))
     assert recorded["cluster"].shape == (51, 2) and jnp.issubdtype(recorded["cluster"].dtype, jnp.integer)
     assert recorded["S"].shape == (16, 5) and recorded["alive"].shape == (51, 2)

@@ -545,13 +545,14 @@ def test_capture_video_writes_decodable_mp4s_and_changes_no_number(tdmpc2_tiny_r
 
 
 def test_evaluation_without_video_returns_only_the_returns():
-    """Without --capture-video the evaluation program has the same outputs as before videos existed: two returns."""
+    """Without --capture-video the evaluation program has the same outputs as before videos existed: the two
+    modes' per-episode returns."""
     venv = T.VectorEnv(T.load_env("CartpoleBalance", "jax", episode_length=100), action_repeat=2)
     args = T.resolve_args(T.Args(env_id="CartpoleBalance", num_envs=2, k_update=2, seed_steps=80, **TINY_NETS), venv)
     trainer = T.Trainer(args, venv)
     agent = jax.eval_shape(trainer.init, jax.random.key(0)).agent
     plain, nothing = jax.eval_shape(trainer.evaluate, agent, jax.random.key(1))
     assert nothing is None
-    assert [(x.shape, x.dtype) for x in plain] == [((), jnp.float32), ((), jnp.float32)]
+    assert [(x.shape, x.dtype) for x in plain] == [((args.eval_episodes,), jnp.float32)] * 2  # per episode
     _, poses = jax.eval_shape(partial(trainer.evaluate, record=True), agent, jax.random.key(1))
     assert poses["qpos"].shape == (51, 2, 2) and poses["alive"].shape == (51, 2)
