@@ -409,6 +409,7 @@ def resolve_args(args: Args, venv) -> Args:
         (not args.keep_every or (args.checkpoint_every and args.keep_every % args.checkpoint_every == 0),
          f"--keep-every ({args.keep_every}) must be a multiple of --checkpoint-every ({args.checkpoint_every}): "
          "checkpoints are written only there"),
+        (args.evaluate_step is None or args.evaluate is not None, "--evaluate-step needs --evaluate RUN_DIR"),
         (seed_vector_steps >= args.horizon,
          f"--seed-steps ({seed_steps}) must cover at least horizon={args.horizon} vector steps "
          f"({args.horizon * env_steps_per_vector_step} env steps) so that the first batch has whole sequences"),

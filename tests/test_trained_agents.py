@@ -61,8 +61,11 @@ def test_evaluate_gives_the_eval_rows_again_and_changes_nothing(script, flags, t
     assert folder_state(run_dir) == before
 
 
-def test_keep_every_must_be_a_multiple_of_the_checkpoint_interval():
-    proc = run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--keep-every", "600", "--dry-run", check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: --keep-every (600) must be a multiple of --checkpoint-every (400): "
-                                   "checkpoints are written only there")
+@pytest.mark.parametrize("flags, error", [
+    (["--keep-every", "600"], "--keep-every (600) must be a multiple of --checkpoint-every (400): checkpoints are "
+                              "written only there"),
+    (["--evaluate-step", "400"], "--evaluate-step needs --evaluate RUN_DIR"),
+])
+def test_trained_agent_flags_are_refused_in_one_line_where_they_cannot_apply(flags, error):
+    proc = run_script("tdmpc2_jax.py", *TINY_TDMPC2, *flags, "--dry-run", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {error}", proc.stderr
