@@ -738,11 +738,7 @@ def train(args: Args) -> list[Path]:
     start, mesh = time.time(), seed_mesh(args.num_seeds)
     runs = SeedRuns(args, mesh, dirs)
     carry, loop = runs.start(env)
-    print(f"{args.env_id} ({backend(args)}): {args.num_iterations} iterations x {args.steps_per_iteration:,} env "
-          f"steps = {args.total_steps_resolved:,} env steps (requested {args.total_steps:,}; --step-rounding "
-          f"{args.step_rounding}); {len(args.eval_steps)} evaluations; hard reset every "
-          f"{args.iterations_per_epoch} iteration(s)" + ("" if args.num_resets_per_eval > 0 else " disabled") +
-          f"; {seeds_on_devices(args, mesh)}", flush=True)
+    print(run_summary(args, mesh), flush=True)
     ts = carry.pop("ts")  # carry keeps the two keys
     iteration_fn = over_seeds(functools.partial(training_iteration, env, args), mesh, donate=True)
     iteration_fn = iteration_fn.lower(ts).compile()
@@ -799,6 +795,15 @@ def train(args: Args) -> list[Path]:
         raise Preempted(stop.signum)
     print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(runs.dirs[i]) for i in runs.local)}")
     return runs.dirs
+
+
+def run_summary(args: Args, mesh) -> str:
+    """The run's first line: env, backend, the rounded schedule, the seeds' layout."""
+    return (f"{args.env_id} ({backend(args)}): {args.num_iterations} iterations x {args.steps_per_iteration:,} env "
+            f"steps = {args.total_steps_resolved:,} env steps (requested {args.total_steps:,}; --step-rounding "
+            f"{args.step_rounding}); {len(args.eval_steps)} evaluations; hard reset every "
+            f"{args.iterations_per_epoch} iteration(s)" + ("" if args.num_resets_per_eval > 0 else " disabled") +
+            f"; {seeds_on_devices(args, mesh)}")
 
 
 class Progress:
