@@ -16,20 +16,36 @@ VARIANTS = [
 ]
 
 
+same_worker = pytest.mark.xdist_group("trained_agents")  # each source run is made once, on one worker
+
+
 def folder_state(run_dir):
     """Every file of the run folder outside evaluations/, with its size and modification time."""
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")
             if p.is_file() and "evaluations" not in p.relative_to(run_dir).parts}
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """script -> its tiny run to 1200 env steps, made at first use: checkpoints every 400 env steps, the newest one
+    kept plus the multiples of 800, so that 800 and 1200 stay."""
+    runs = {}
+
+    def run(script):
+        if script not in runs:
+            runs[script] = tmp_path_factory.mktemp(script[:-3]) / "run"
+            run_script(script, *TINY_TDMPC2, *dict(VARIANTS)[script], "--total-steps", "1200", "--keep-checkpoints",
+                       "1", "--keep-every", "800", "--run-dir", str(runs[script]))
+        return runs[script]
+    return run
+
+
+@same_worker
 @pytest.mark.parametrize("script, flags", VARIANTS, ids=[s for s, _ in VARIANTS])
-def test_evaluate_gives_the_eval_rows_again_and_changes_nothing(script, flags, tmp_path):
-    """Checkpoints every 400 env steps, the newest one kept plus the multiples of 800: 800 and 1200 stay. --evaluate
-    of each, with the run's 2 episodes, gives that step's eval.csv means exactly (same program, same key), with
-    their sample std and Student-t interval; the training files are untouched."""
-    run_dir = tmp_path / "run"
-    run_script(script, *TINY_TDMPC2, *flags, "--total-steps", "1200", "--keep-checkpoints", "1", "--keep-every", "800",
-               "--run-dir", str(run_dir))
+def test_evaluate_gives_the_eval_rows_again_and_changes_nothing(script, flags, trained):
+    """--evaluate of the kept checkpoints, with the run's 2 episodes, gives that step's eval.csv means exactly (same
+    program, same key), with their sample std and Student-t interval; the training files are untouched."""
+    run_dir = trained(script)
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [800, 1200]
     before, rows = folder_state(run_dir), {int(row["step"]): row for row in read_eval(run_dir)}
     modes = ["pi", "mppi", "arb"] if "--arbitration-margin" in flags else ["pi", "mppi"]
@@ -46,19 +62,68 @@ def test_evaluate_gives_the_eval_rows_again_and_changes_nothing(script, flags, t
             assert result["ci95"] == pytest.approx([returns.mean() - half, returns.mean() + half], rel=1e-6)
             assert f"step {step:,}: {mode} {result['mean']:.1f} (std {returns.std(ddof=1):.1f}, 95% CI" in out
     assert folder_state(run_dir) == before
-    if script != "tdmpc2_jax.py":
-        return
-    more = run_script(script, "--evaluate", str(run_dir), "--eval-episodes", "5").stdout
-    assert len(json.loads((run_dir / "evaluations" / "step1200.json").read_text())["modes"]["pi"]["returns"]) == 5
-    assert "5 episodes" in more
+
+
+@same_worker
+def test_evaluate_dumps_rollouts_and_videos_and_refuses_training_flags(trained):
+    """5 episodes per mode with --dump-rollouts and 2 videos per mode: the dumped rewards of the running steps add up
+    to the recorded returns, each SimNorm group of a dumped latent is a distribution, an episode runs from its first
+    step; the training files stay untouched and a training flag is refused in one line."""
+    run_dir = trained("tdmpc2_jax.py")
+    before = folder_state(run_dir)
+    out = run_script("tdmpc2_jax.py", "--evaluate", str(run_dir), "--eval-episodes", "5", "--dump-rollouts",
+                     "--capture-video", "--video-episodes", "2", "--video-height", "48", "--video-width", "64").stdout
+    assert "5 episodes" in out
+    record = json.loads((run_dir / "evaluations" / "step1200.json").read_text())
+    with np.load(run_dir / "evaluations" / "rollouts_step1200.npz") as dump:
+        for mode in ["pi", "mppi"]:
+            obs, z, action = dump[f"{mode}_obs"], dump[f"{mode}_z"], dump[f"{mode}_action"]
+            reward, alive = dump[f"{mode}_reward"], dump[f"{mode}_alive"]
+            assert obs.shape == (5, 50, 5) and z.shape == (5, 50, 16) and action.shape == (5, 50, 1)  # 100 env steps
+            assert alive[:, 0].all() and np.abs(action).max() <= 1
+            np.testing.assert_allclose(z.reshape(5, 50, 2, 8).sum(-1), 1, rtol=1e-5)  # 16 = 2 groups of 8
+            np.testing.assert_allclose((reward * alive).sum(1), record["modes"][mode]["returns"], rtol=1e-5)
+    videos = sorted(p.name for p in (run_dir / "evaluations" / "videos").iterdir())
+    assert videos == ["mppi_step1200.mp4", "mppi_step1200_episode1.mp4", "pi_step1200.mp4", "pi_step1200_episode1.mp4"]
     for bad, needle in [(["--num-envs", "8"], "--evaluate: --num-envs is not an evaluation flag; with --evaluate only "
-                          "--evaluate-step, --eval-episodes, --capture-video, --video-height, --video-width may be "
-                          "given"),
+                          "--evaluate-step, --eval-episodes, --dump-rollouts, --capture-video, --video-episodes, "
+                          "--video-height, --video-width may be given"),
                         (["--evaluate-step", "400"], f"--evaluate {run_dir}: no checkpoint at step 400; complete "
                          "checkpoints: 800, 1200")]:
-        proc = run_script(script, "--evaluate", str(run_dir), *bad, check=False)
+        proc = run_script("tdmpc2_jax.py", "--evaluate", str(run_dir), *bad, check=False)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {needle}"], proc.stderr
     assert folder_state(run_dir) == before
+
+
+@same_worker
+def test_init_from_continues_exactly_and_records_what_changed(trained, tmp_path):
+    """--init-from RUN:800 with nothing changed writes, in its own folder, exactly the eval rows the source wrote
+    after 800; from the newest checkpoint with --k-update and --total-steps changed, args.json names both with their
+    before/after values and the steps go on from 1200. Flags the stored state cannot take are refused in one line."""
+    source = trained("tdmpc2_jax.py")
+    before, rows = folder_state(source), read_eval(source)
+    out = run_script("tdmpc2_jax.py", "--init-from", f"{source}:800", "--run-dir", str(tmp_path / "same")).stdout
+    assert f"continued from {source} at step 800 (no flag changed)" in out
+    same = read_eval(tmp_path / "same")
+    assert [(r["step"], r["return_pi"], r["return_mppi"]) for r in same] == [
+        (r["step"], r["return_pi"], r["return_mppi"]) for r in rows if int(r["step"]) > 800]
+    saved = json.loads((tmp_path / "same" / "args.json").read_text())
+    assert saved["init_from"] == {"run_dir": str(source), "step": 800, "changed": {}}
+    run_script("tdmpc2_jax.py", "--init-from", str(source), "--k-update", "4", "--total-steps", "1600",
+               "--run-dir", str(tmp_path / "changed"))
+    saved = json.loads((tmp_path / "changed" / "args.json").read_text())
+    assert saved["init_from"] == {"run_dir": str(source), "step": 1200, "changed": {
+        "total_steps": {"before": 1200, "after": 1600}, "k_update": {"before": 2, "after": 4}}}
+    assert [int(r["step"]) for r in read_eval(tmp_path / "changed")] == [1600]
+    for bad, needle in [(["--num-envs", "8"], "--init-from: --num-envs 8 differs from the source run's 4, and the "
+                          "checkpoint's state was made with it"),
+                        (["--total-steps", "1200"], "--init-from: that checkpoint is at step 1,200; pass a "
+                         "--total-steps past it"),
+                        (["--resume", str(source)], "--init-from starts a new run from a checkpoint, --resume "
+                         "continues a run: give one of them")]:
+        proc = run_script("tdmpc2_jax.py", "--init-from", str(source), *bad, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {needle}"], proc.stderr
+    assert folder_state(source) == before
 
 
 @pytest.mark.parametrize("flags, error", [
