@@ -17,6 +17,7 @@ Formulas, implementation details with their Brax sources, logged metrics and mea
     python ppo_playground.py --env-id AcrobotSwingup --dry-run     # print the resolved config, run nothing
     python ppo_playground.py --resume runs/CartpoleBalance__ppo_playground__1__1764590000   # continue a run
     python ppo_playground.py --env-id CartpoleBalance --capture-video   # videos/deterministic_step{N}.mp4 per eval
+    python ppo_playground.py --evaluate runs/CartpoleBalance__ppo_playground__1__1764590000   # its newest checkpoint
 """
 
 import dataclasses
@@ -139,10 +140,16 @@ class Args:
     """env steps between full-state checkpoints (unset = each evaluation; 0 = none); one is also written at the end"""
     keep_checkpoints: int = 2
     """newest checkpoints kept in {run_dir}/checkpoints (older ones are deleted)"""
+    keep_every: int = 0
+    """also keep each checkpoint at a multiple of this many env steps (0 = none; a multiple of checkpoint spacing)"""
     save_model: bool = False
     """write the final checkpoint even with --checkpoint-every 0"""
     resume: Optional[str] = None
     """run folder to continue from its newest complete checkpoint (only run flags and --total-steps may change)"""
+    evaluate: Optional[str] = None
+    """run folder whose checkpoint is evaluated as training evaluated it, to {run_dir}/evaluations/step{N}.json"""
+    evaluate_step: Optional[int] = None
+    """with --evaluate: the checkpoint's env step (unset = the newest complete one)"""
     dry_run: bool = False
     """print the resolved config as one JSON object and exit, writing nothing"""
     capture_video: bool = False
@@ -242,6 +249,8 @@ def resolve_args(args: Args) -> Args:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.checkpoint_every is not None and args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise UserError("need --checkpoint-every >= 0 and --keep-checkpoints >= 1")
+    if args.evaluate_step is not None and args.evaluate is None:
+        raise UserError("--evaluate-step needs --evaluate RUN_DIR")
     if args.num_resets_per_eval < 0:
         raise UserError(f"--num-resets-per-eval must be >= 0, got {args.num_resets_per_eval}")
     if args.learning_rate <= 0 or not 0 < args.discounting <= 1 or not 0 <= args.gae_lambda <= 1:
@@ -261,7 +270,33 @@ def resolve_args(args: Args) -> Args:
     args.iterations_per_epoch, args.num_iterations, eval_iterations = iteration_schedule(args)
     args.total_steps_resolved = args.num_iterations * args.steps_per_iteration
     args.eval_steps = tuple(i * args.steps_per_iteration for i in eval_iterations)
+    spacing = checkpoint_spacing(args)
+    if args.keep_every < 0 or args.keep_every and (spacing is None or args.keep_every % spacing):
+        raise UserError(keep_every_refusal(args, spacing))
     return args
+
+
+def checkpoint_spacing(args: Args) -> Optional[int]:
+    """Env steps between checkpoints such that each of its multiples that the run reaches holds one (orbax's
+    keep_period keeps the multiples of --keep-every, so that must be one of them); None where there is none."""
+    if args.checkpoint_every == 0:
+        return None
+    if args.checkpoint_every is not None:  # the first iteration at or past each multiple: both must divide the step
+        return math.lcm(args.checkpoint_every, args.steps_per_iteration)
+    later = [s for s in args.eval_steps if s > 0]  # one checkpoint per evaluation
+    return later[0] if all(s == (k + 1) * later[0] for k, s in enumerate(later)) else None
+
+
+def keep_every_refusal(args: Args, spacing: Optional[int]) -> str:
+    if args.keep_every < 0:
+        return f"--keep-every must not be negative, got {args.keep_every}"
+    if args.checkpoint_every == 0:
+        return f"--keep-every ({args.keep_every}) keeps checkpoints, but --checkpoint-every 0 writes none but the last"
+    if spacing is None:
+        return (f"--keep-every ({args.keep_every}) needs evenly spaced checkpoints, and the evaluations (where they "
+                "are written by default) are not: set --checkpoint-every")
+    return (f"--keep-every ({args.keep_every}) must be a multiple of the checkpoint spacing ({spacing} env steps): "
+            "checkpoints are written only there")
 
 
 def setup(args: Args):
@@ -676,7 +711,8 @@ RENDER_FIELDS = ("qpos", "qvel", "mocap_pos", "mocap_quat", "xfrc_applied")  # w
 
 
 def evaluate(env, args: Args, params, normalizer, key, record: bool = False):
-    """Mean undiscounted return of num_eval_envs full episodes: (stochastic policy, deterministic tanh(loc)).
+    """Undiscounted returns of num_eval_envs full episodes, (num_eval_envs,) per mode: (stochastic policy,
+    deterministic tanh(loc)); their means (taken on the host) are eval.csv's.
 
     Both modes run in one batch of 2 x num_eval_envs envs (the first half samples, the second takes the mode). With
     `record`, also the poses of the first deterministic episode, (T + 1,) per field of RENDER_FIELDS plus `alive`,
@@ -705,7 +741,7 @@ def evaluate(env, args: Args, params, normalizer, key, record: bool = False):
     init = EvalCarry(env_reset(env, k_reset, 2 * n), jnp.zeros(2 * n), jnp.ones(2 * n))
     num_steps = args.episode_length // args.action_repeat
     final, recorded = jax.lax.scan(step, init, jax.random.split(k_act, num_steps))
-    returns = final.episode_return[:n].mean(), final.episode_return[n:].mean()
+    returns = final.episode_return[:n], final.episode_return[n:]
     if not record:
         return returns
     start = poses(init.env_state, init.active)
@@ -743,11 +779,7 @@ def train(args: Args) -> list[Path]:
     iteration_fn = over_seeds(functools.partial(training_iteration, env, args), mesh, donate=True)
     iteration_fn = iteration_fn.lower(ts).compile()
     reset_fn = over_seeds(functools.partial(reset_training_envs, env, args), mesh)
-    # The evaluation key depends only on the iteration: evaluations are the same however often the run was resumed.
-    # With record, the evaluation also returns the poses of the first deterministic episode (for videos).
-    evaluate_fn = {record: over_seeds(lambda params, normalizer, key, iteration, record=record: evaluate(
-        env, args, params, normalizer, jax.random.fold_in(key, iteration), record), mesh, in_axes=(0, 0, 0, None))
-        for record in (False, True)}  # each compiles at its first call
+    evaluate_fn = evaluation_programs(env, args, mesh)
     videos = Videos.open(env, args) if args.capture_video else None
     print(f"compiled the training iteration in {time.time() - start:.1f} s", flush=True)
 
@@ -755,7 +787,8 @@ def train(args: Args) -> list[Path]:
         record = videos is not None and args.eval_steps.index(step) % args.video_every == 0
         returns = evaluate_fn[record](ts.params, ts.normalizer, carry["k_eval"], iteration)
         returns, poses = returns if record else (returns, None)
-        runs.log_eval(step, progress.wall_time(), local_seed_rows(returns))
+        means = {i: tuple(float(np.mean(r)) for r in modes) for i, modes in local_seed_rows(returns).items()}
+        runs.log_eval(step, progress.wall_time(), means)
         if poses is not None:  # drawn here, outside the jitted programs
             for i, seed_poses in local_seed_rows(poses).items():
                 videos.write(runs.dirs[i] / "videos", step, seed_poses)
@@ -795,6 +828,16 @@ def train(args: Args) -> list[Path]:
         raise Preempted(stop.signum)
     print(f"done in {time.time() - start:.1f} s; runs: {', '.join(str(runs.dirs[i]) for i in runs.local)}")
     return runs.dirs
+
+
+def evaluation_programs(env, args: Args, mesh) -> dict:
+    """record -> the jitted evaluation over seeds, (params, normalizer, eval key, iteration) -> per-episode returns
+    (and with record the poses of the first deterministic episode, for videos). The key depends only on the
+    iteration: evaluations are the same however often the run was resumed, and --evaluate gives them again. Each
+    compiles at its first call."""
+    return {record: over_seeds(lambda params, normalizer, key, iteration, record=record: evaluate(
+        env, args, params, normalizer, jax.random.fold_in(key, iteration), record), mesh, in_axes=(0, 0, 0, None))
+        for record in (False, True)}
 
 
 def run_summary(args: Args, mesh) -> str:
@@ -992,7 +1035,8 @@ def run_config(args: Args, seed_index: int) -> dict:
     """The resolved config of run `seed_index` (its seed is seed + seed_index): its args.json without the metadata,
     and for run 0 what --dry-run prints."""
     config = dataclasses.asdict(args)
-    del config["dry_run"], config["resume"], config["distributed"]  # how the run is started, not its config
+    for name in ("dry_run", "resume", "distributed", "evaluate", "evaluate_step"):  # how it is started, not its config
+        del config[name]
     return config | dict(seed=args.seed + seed_index, seed_index=seed_index)
 
 
@@ -1042,7 +1086,7 @@ def new_run_dirs(args: Args) -> list[Path]:
 
 
 # Flags that may differ from the run's args.json when resuming; every other one would change the run.
-RESUME_FLAGS = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "save_model", "dry_run",
+RESUME_FLAGS = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "keep_every", "save_model", "dry_run",
                 "distributed", "track", "wandb_project_name", "wandb_entity"}
 
 
@@ -1080,6 +1124,8 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
         args.checkpoint_every = cli.checkpoint_every
     if cli.keep_checkpoints != defaults.keep_checkpoints:
         args.keep_checkpoints = cli.keep_checkpoints
+    if cli.keep_every != defaults.keep_every:
+        args.keep_every = cli.keep_every
     if cli.total_steps is not None and cli.total_steps != args.total_steps:
         args.total_steps = cli.total_steps
         if args.num_evals > 1:  # whole blocks of the run's length: K and the evaluation spacing stay
@@ -1146,8 +1192,9 @@ class SeedRuns:
         from tensorboardX import SummaryWriter
 
         # Orbax writes each step to a temporary folder and renames it when complete; synchronously, as PPO's state
-        # is small.
-        options = ocp.CheckpointManagerOptions(max_to_keep=self.args.keep_checkpoints, enable_async_checkpointing=False)
+        # is small. keep_period: the multiples of --keep-every stay besides the newest --keep-checkpoints.
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.args.keep_checkpoints, enable_async_checkpointing=False,
+                                               keep_period=self.args.keep_every or None)
         meta = run_metadata()
         for i in self.local:
             run_dir, config = self.dirs[i], run_config(self.args, i)
@@ -1298,6 +1345,118 @@ def without_empty_arrays(tree):
     return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Trained agents: --evaluate RUN_DIR [--evaluate-step N], a checkpoint's policy evaluated as training evaluated it
+# ---------------------------------------------------------------------------------------------------------------
+EVALUATION_FLAGS = ("evaluate", "evaluate_step", "num_eval_envs", "capture_video", "video_height", "video_width")
+
+
+def evaluate_run(cli: Args) -> Path:
+    """--evaluate RUN_DIR: the policy of one checkpoint, evaluated as the training loop evaluated it at that step
+    (same program, same key: with the run's --num-eval-envs the means are that step's eval.csv row). Writes
+    {run_dir}/evaluations/step{N}.json (videos/ with --capture-video) and nothing else."""
+    run_dir = Path(cli.evaluate)
+    config = saved_config(run_dir, "--evaluate")
+    default = Args()
+    given = {f.name for f in dataclasses.fields(Args) if getattr(cli, f.name) != getattr(default, f.name)}
+    if refused := sorted(given - set(EVALUATION_FLAGS)):
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in EVALUATION_FLAGS[1:])
+        raise UserError(f"--evaluate: --{refused[0].replace('_', '-')} is not an evaluation flag; with --evaluate "
+                        f"only {allowed} may be given")
+    changed = {name: getattr(cli, name) for name in given}
+    if config.impl == "warp" and changed.get("num_eval_envs", config.num_eval_envs) != config.num_eval_envs:
+        changed["naconmax"] = None  # sized again for the evaluation's env count
+    # the saved run flags do not apply to an evaluation; a video only when asked for now
+    run_flags = dict(resume=None, dry_run=False, distributed=False, track=False, capture_video=False)
+    config = dataclasses.replace(config, **{**run_flags, **changed})
+    if config.capture_video and sys.platform == "linux":  # before MuJoCo is imported: it picks its backend then
+        os.environ.setdefault("MUJOCO_GL", "egl")
+    args, env = setup(config)
+    step, stored, loop = stored_checkpoint(env, args, run_dir, args.evaluate_step, "--evaluate")
+    # The folder's seed, copied to the batch's seed count: the program is the training loop's (a device with several
+    # seeds vmaps the evaluation, one with one does not, and XLA rounds the two differently).
+    copies = args.num_seeds if args.num_seeds % jax.device_count() == 0 else 1
+    mesh = seed_mesh(copies)
+    params, normalizer, k_eval = (jax.tree.map(lambda x: seed_sharded(mesh, np.stack([x] * copies)), tree)
+                                  for tree in (stored["ts"].params, stored["ts"].normalizer, stored["k_eval"]))
+    out = evaluation_programs(env, args, mesh)[args.capture_video](params, normalizer, k_eval, loop["iteration"])
+    returns, poses = out if args.capture_video else (out, None)
+    per_episode = local_seed_rows(returns)[0]
+    modes = {mode: episode_statistics(r) for mode, r in zip(("stochastic", "deterministic"), per_episode, strict=True)}
+    for mode, stats in modes.items():
+        interval = "-" if stats["ci95"] is None else "[{:.1f}, {:.1f}]".format(*stats["ci95"])
+        print(f"{run_dir} step {step:,}: {mode} {stats['mean']:.1f} (std {stats['std']:.1f}, 95% CI {interval}, "
+              f"{args.num_eval_envs} episodes)", flush=True)
+    folder = run_dir / "evaluations"
+    folder.mkdir(exist_ok=True)
+    if poses is not None and (videos := Videos.open(env, args)) is not None:
+        videos.write(folder / "videos", step, local_seed_rows(poses)[0])
+    record = {"run_dir": str(run_dir), "step": step, "episodes": args.num_eval_envs, "modes": modes,
+              "metadata": run_metadata()}
+    atomic_write(folder / f"step{step}.json", json.dumps(record, indent=2).encode())
+    print(f"wrote {folder / f'step{step}.json'}", flush=True)
+    return folder / f"step{step}.json"
+
+
+def saved_config(run_dir: Path, flag: str) -> Args:
+    """The config in a run folder's args.json, with that folder's own seed."""
+    script = Path(__file__).name
+    if not (run_dir / "args.json").is_file():
+        what = "no such folder" if not run_dir.is_dir() else "no args.json there"
+        raise UserError(f"{flag} {run_dir}: {what} (expected a run folder of {script})")
+    saved = json.loads((run_dir / "args.json").read_text())
+    known = {f.name for f in dataclasses.fields(Args)}
+    batch = {"metadata", "batch_run_dirs", "seed_index"}
+    if saved.get("metadata", {}).get("script", script) != script or not set(saved) - batch <= known:
+        raise UserError(f"{flag} {run_dir}: that folder is a run of another script, not of {script}")
+    return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+
+
+def read_only_checkpoints(run_dir: Path):
+    """The run folder's checkpoints, opened to read: a training run may be writing that folder, so nothing there is
+    created or cleaned up."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+    return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+
+
+def stored_checkpoint(env, args: Args, run_dir: Path, step: Optional[int], flag: str) -> tuple[int, dict, dict]:
+    """(step, numpy carry, loop) of a run folder's complete checkpoint at `step` (unset = the newest), read without
+    changing anything there."""
+    import orbax.checkpoint as ocp
+
+    manager = read_only_checkpoints(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    steps = [] if manager is None else list(manager.all_steps())
+    step = max(steps, default=None) if step is None else step
+    if step not in steps:
+        have = ", ".join(map(str, sorted(steps))) or "none (was it run with --checkpoint-every 0?)"
+        raise UserError(f"{flag} {run_dir}: no checkpoint at step {step}; complete checkpoints: {have}")
+    target = jax.eval_shape(functools.partial(init_carry, env, args), jax.random.PRNGKey(0))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(without_empty_arrays(target)), loop=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 (whatever a damaged file raises)
+        raise UserError(f"{flag} {run_dir}: checkpoint step {step} cannot be read ({first_line(e)})") from None
+    state = jax.tree.map(lambda t, x: np.zeros(t.shape, t.dtype) if x is None else x, target, restored.state)
+    for (path, t), x in zip(jax.tree_util.tree_leaves_with_path(target), jax.tree.leaves(state), strict=True):
+        if t.shape != x.shape:
+            raise UserError(f"{flag} {run_dir}: checkpoint step {step} does not fit the run's config: "
+                            f"{jax.tree_util.keystr(path)} has shape {x.shape}, the config gives {t.shape}")
+    return step, state, restored.loop
+
+
+def episode_statistics(returns: np.ndarray) -> dict:
+    """Per-episode returns, their mean (as eval.csv's), sample std and Student-t 95% interval of the mean."""
+    from scipy import stats
+
+    returns, mean = np.asarray(returns), float(np.mean(returns))  # float32 as the training loop averages them
+    std = float(np.std(returns.astype(np.float64), ddof=1)) if len(returns) > 1 else 0.0
+    half = float(stats.t.ppf(0.975, len(returns) - 1)) * std / math.sqrt(len(returns)) if len(returns) > 1 else None
+    return {"returns": returns.tolist(), "mean": mean, "std": std,
+            "ci95": None if half is None else [mean - half, mean + half]}
+
+
 class EvalLog:
     """eval.csv, appended and flushed row by row; a resumed run first drops the rows past its checkpoint (and a row
     cut short by a kill)."""
@@ -1405,7 +1564,8 @@ def quiet_failed_checkpoint_writes():
 if __name__ == "__main__":
     quiet_failed_checkpoint_writes()
     try:
-        train(tyro.cli(Args))
+        cli = tyro.cli(Args)
+        evaluate_run(cli) if cli.evaluate is not None else train(cli)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

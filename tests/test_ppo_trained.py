@@ -1,0 +1,115 @@
+"""Trained agents in ppo_playground.py: --evaluate of a checkpoint and --keep-every (as tests/test_trained_agents.py
+tests them in the TD-MPC scripts)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import PPO_CPU, read_eval, read_video, run_script
+from scipy import stats
+
+import ppo_playground as P
+
+# The PPO CLI config (2 seeds on one device) with 3 iterations of 10,240 env steps, evaluated (and checkpointed)
+# after each: the newest checkpoint is kept plus the multiples of 20,480, so that 20480 and 30720 stay.
+FLAGS = [*PPO_CPU, "--total-steps", "30720", "--num-evals", "4", "--num-resets-per-eval", "0", "--episode-length",
+         "1000", "--keep-checkpoints", "1", "--keep-every", "20480"]
+
+same_worker = pytest.mark.xdist_group("ppo_tiny_runs")  # the group of the other PPO CLI runs (one compile cache)
+
+
+def folder_state(run_dir):
+    """Every file of the run folder outside evaluations/, with its size and modification time."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")
+            if p.is_file() and "evaluations" not in p.relative_to(run_dir).parts}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The two seed folders of the run above (seeds 1 and 2)."""
+    base = tmp_path_factory.mktemp("ppo_trained") / "run"
+    run_script("ppo_playground.py", *FLAGS, "--run-dir", str(base))
+    return [base.with_name("run__1"), base.with_name("run__2")]
+
+
+def check_record(run_dir, step, out):
+    """evaluations/step{step}.json against the eval.csv row training wrote at that step: the same means to the
+    printed digits (same program, same key), 16 episodes per mode with their sample std and t-interval."""
+    record = json.loads((run_dir / "evaluations" / f"step{step}.json").read_text())
+    assert (record["run_dir"], record["step"], record["episodes"]) == (str(run_dir), step, 16)
+    assert list(record["modes"]) == ["stochastic", "deterministic"] and "versions" in record["metadata"]
+    (row,) = [r for r in read_eval(run_dir) if int(r["step"]) == step]
+    for mode, column in [("stochastic", "return"), ("deterministic", "return_deterministic")]:
+        result = record["modes"][mode]
+        assert f"{result['mean']:.6g}" == row[column], (run_dir.name, step, mode)
+        returns = np.array(result["returns"])
+        assert len(returns) == 16 and result["mean"] == pytest.approx(returns.mean(), rel=1e-6)
+        assert result["std"] == pytest.approx(returns.std(ddof=1), rel=1e-6)
+        half = stats.t.ppf(0.975, 15) * returns.std(ddof=1) / math.sqrt(16)
+        assert result["ci95"] == pytest.approx([returns.mean() - half, returns.mean() + half], rel=1e-6)
+        assert f"step {step:,}: {mode} {result['mean']:.1f} (std {result['std']:.1f}, 95% CI" in out
+
+
+@same_worker
+def test_evaluate_gives_the_eval_rows_again_and_changes_nothing(trained):
+    """--keep-every kept 20480 besides the newest; --evaluate of both (unset step: the newest) in the second seed's
+    folder gives its eval.csv rows again, and the training files are untouched."""
+    for run_dir in trained:
+        assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [20480, 30720]
+    run_dir = trained[1]
+    before = folder_state(run_dir)
+    for step, step_flags in [(30720, []), (20480, ["--evaluate-step", "20480"])]:
+        out = run_script("ppo_playground.py", "--evaluate", str(run_dir), *step_flags).stdout
+        check_record(run_dir, step, out)
+    assert folder_state(run_dir) == before
+
+
+@same_worker
+def test_evaluate_video_refusals_and_keep_every_on_resume(trained):
+    """With --capture-video the evaluated deterministic episode goes to evaluations/videos/ (the reset state and
+    1000 agent steps); training flags and missing steps are refused in one line; --keep-every may be given on
+    --resume. The training files stay untouched."""
+    run_dir = trained[0]
+    before = folder_state(run_dir)
+    out = run_script("ppo_playground.py", "--evaluate", str(run_dir), "--evaluate-step", "20480", "--capture-video",
+                     "--video-height", "48", "--video-width", "64").stdout
+    check_record(run_dir, 20480, out)
+    assert [p.name for p in (run_dir / "evaluations" / "videos").iterdir()] == ["deterministic_step20480.mp4"]
+    _, frames = read_video(run_dir / "evaluations" / "videos" / "deterministic_step20480.mp4")
+    assert frames.shape == (1001, 48, 64, 3)
+    for bad, needle in [
+        (["--evaluate", str(run_dir), "--num-envs", "8"], "--evaluate: --num-envs is not an evaluation flag; with "
+         "--evaluate only --evaluate-step, --num-eval-envs, --capture-video, --video-height, --video-width may be "
+         "given"),
+        (["--evaluate", str(run_dir), "--evaluate-step", "10240"], f"--evaluate {run_dir}: no checkpoint at step "
+         "10240; complete checkpoints: 20480, 30720"),
+        (["--evaluate", str(run_dir / "nope")], f"--evaluate {run_dir / 'nope'}: no such folder (expected a run "
+         "folder of ppo_playground.py)"),
+        ([*FLAGS, "--evaluate-step", "20480", "--dry-run"], "--evaluate-step needs --evaluate RUN_DIR"),
+        ([*FLAGS, "--keep-every", "15360", "--dry-run"], "--keep-every (15360) must be a multiple of the checkpoint "
+         "spacing (10240 env steps): checkpoints are written only there"),
+    ]:
+        proc = run_script("ppo_playground.py", *bad, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {needle}"], proc.stderr
+    printed = run_script("ppo_playground.py", "--resume", str(run_dir), "--keep-every", "10240", "--dry-run").stdout
+    assert json.loads(printed)["keep_every"] == 10240
+    assert folder_state(run_dir) == before
+
+
+def test_keep_every_must_be_a_multiple_of_the_checkpoint_spacing():
+    """The spacing: between evaluations by default, lcm(--checkpoint-every, one iteration) with it (a checkpoint is
+    written at the first iteration at or past each multiple), none with --checkpoint-every 0."""
+    tiny = dict(env_id="CartpoleBalance", impl="jax", num_envs=64, batch_size=32, num_minibatches=16,
+                unroll_length=20, total_steps=30720, num_evals=4, num_resets_per_eval=0)  # 10,240 env steps each
+    assert P.resolve_args(P.Args(**tiny, keep_every=20480)).keep_every == 20480
+    assert P.resolve_args(P.Args(**tiny, checkpoint_every=4096, keep_every=3 * 20480)).keep_every == 61440
+    for overrides, needle in [
+        (dict(keep_every=5120), "multiple of the checkpoint spacing (10240 env steps)"),
+        (dict(checkpoint_every=4096, keep_every=10240), "multiple of the checkpoint spacing (20480 env steps)"),
+        (dict(checkpoint_every=0, keep_every=20480), "--checkpoint-every 0 writes none but the last"),
+        (dict(keep_every=-1), "--keep-every must not be negative"),
+    ]:
+        with pytest.raises(P.UserError) as exc:
+            P.resolve_args(P.Args(**tiny, **overrides))
+        assert "\n" not in str(exc.value) and needle in str(exc.value), str(exc.value)
