@@ -61,6 +61,7 @@ class Run:
     kind: str  # "tdmpc" (return_pi, return_mppi) or "ppo" (return)
     columns: dict
     modified: float = math.nan  # eval.csv's modification time (Unix seconds) when it was read
+    continued: "Continuation | None" = None  # args.json's init_from: a run started from another run's checkpoint
 
     @property
     def steps(self) -> np.ndarray:
@@ -69,6 +70,47 @@ class Run:
     @property
     def last_step(self):
         return int(self.steps[-1]) if self.steps.size else None
+
+
+# Flags that say how a run was run, not what it trains: left out of a continuation's label (a continuation always
+# changes total_steps, for one).
+RUN_FLAGS = frozenset({
+    "seed", "run_dir", "num_seeds", "distributed", "total_steps", "checkpoint_every", "keep_checkpoints", "keep_every",
+    "save_model", "resume", "init_from", "dry_run", "evaluate", "evaluate_step", "dump_rollouts", "capture_video",
+    "video_episodes", "video_every", "video_height", "video_width", "log_freq", "track", "wandb_project_name",
+    "wandb_entity"})
+
+
+def _flag_value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A run started (--init-from) from another run's checkpoint at `step`, with some flags changed."""
+
+    step: int
+    changed: tuple = ()  # ((flag, before, after), ...) sorted by flag, RUN_FLAGS left out
+
+    def label(self) -> str:
+        """E.g. "continued from step 40,000: k_update 256→128": part of the family's name, so of every label."""
+        flags = ", ".join(f"{name} {_flag_value(before)}→{_flag_value(after)}" for name, before, after in self.changed)
+        return f"continued from step {self.step:,}" + (f": {flags}" if flags else "")
+
+
+def read_continuation(value, args_path: Path) -> Continuation | None:
+    """args.json's init_from: null or absent for a run from scratch, else the record the scripts write,
+    {"run_dir": ..., "step": N, "changed": {flag: {"before": x, "after": y}, ...}}."""
+    if value is None:
+        return None
+    record = value if isinstance(value, dict) else {}
+    step, changed = record.get("step"), record.get("changed", {})
+    if not (type(step) is int and isinstance(changed, dict)  # not bool, which is an int too
+            and all(isinstance(c, dict) and {"before", "after"} <= c.keys() for c in changed.values())):
+        raise PlotCIError(f"{args_path}: init_from {json.dumps(value)[:80]} is not a record "
+                          '{"run_dir", "step": N, "changed": {flag: {"before", "after"}}}')
+    return Continuation(step, tuple((name, c["before"], c["after"]) for name, c in sorted(changed.items())
+                                    if name not in RUN_FLAGS))
 
 
 def read_csv_columns(path: Path, required: tuple[str, ...], being_written: bool = False) -> dict:
@@ -133,7 +175,9 @@ def read_run(run_dir: Path) -> Run:
         header = [h.strip() for h in f.readline().split(",")]
     kind = "ppo" if "return" in header and "return_pi" not in header else "tdmpc"
     columns = read_csv_columns(eval_path, PPO_COLUMNS if kind == "ppo" else TDMPC_COLUMNS, being_written=True)
-    return Run(run_dir, str(args["env_id"]), str(args["exp_name"]), seed, kind, _sorted_by_step(columns), modified)
+    continued = read_continuation(args.get("init_from"), args_path)
+    return Run(run_dir, str(args["env_id"]), str(args["exp_name"]), seed, kind, _sorted_by_step(columns), modified,
+               continued)
 
 
 def load_runs(dirs) -> list[Run]:
@@ -306,12 +350,23 @@ def parse_merges(items) -> dict:
     return merges
 
 
+def family_names(run: Run, merges: dict) -> tuple[str, str]:
+    """(the name a --merge OLD can match, the family): the exp_name; for a continuation its merged exp_name followed by
+    its label, so that it never counts as a from-scratch seed of its source's family."""
+    name = merges.get(run.exp_name, run.exp_name)
+    if run.continued is None:
+        return run.exp_name, name
+    full = f"{name} ({run.continued.label()})"
+    return full, merges.get(full, full)  # a continuation family can be merged by its whole name too
+
+
 def summarize(runs, metric="best-any", min_steps=4_000_000, g1=500.0, g2=600.0, merges=None):
-    """Group runs by (env_id, merged exp_name); return (table rows, non-countable runs as Rejected)."""
+    """Group runs by (env_id, family): the merged exp_name, plus for a continuation its step and changed flags (see
+    family_names); return (table rows, non-countable runs as Rejected)."""
     merges = merges or {}
     groups = defaultdict(list)
     for run in runs:
-        groups[(run.env_id, merges.get(run.exp_name, run.exp_name))].append(run)
+        groups[(run.env_id, family_names(run, merges)[1])].append(run)
     rows, rejected = [], []
     for (env_id, family), members in sorted(groups.items()):
         counted, values = [], []
@@ -443,12 +498,13 @@ class Band:
     high: np.ndarray
     n: int
     returns: np.ndarray  # every value of the curves, also outside the grid: the y range covers them
+    start: float = math.nan  # a continuation family's checkpoint step: drawn as a dotted line where its curve begins
 
 
-def make_band(family: str, legend: str, color, curves) -> Band:
+def make_band(family: str, legend: str, color, curves, start: float = math.nan) -> Band:
     grid, mean, low, high = mean_band(curves)
     returns = np.concatenate([values for _, values in curves])
-    return Band(family, legend, color, grid, mean, low, high, len(curves), returns)
+    return Band(family, legend, color, grid, mean, low, high, len(curves), returns, start)
 
 
 def family_color(name: str):
@@ -473,7 +529,10 @@ def env_bands(rows, baselines, metric: str, action_repeat: int, descriptions=Non
             curves = [(r.steps, score_curve(r, metric)) for r in row.runs]
             description = (descriptions or {}).get(row.family)
             legend = f"{row.family} (n={len(curves)})" + (f": {description}" if description else "")
-            bands.append(make_band(row.family, legend, family_color(row.family), curves))
+            # A continuation's curve starts after the checkpoint it was continued from: a dotted line marks that step.
+            starts = [r.continued.step for r in row.runs if r.continued is not None]
+            start = float(min(starts)) if starts else math.nan
+            bands.append(make_band(row.family, legend, family_color(row.family), curves, start))
     return bands
 
 
@@ -495,6 +554,8 @@ def plot_env(path: Path, env_id: str, bands, series: str, g1: float, g2: float) 
     for b in bands:
         ax.plot(b.grid, b.mean, color=b.color, lw=1.8, label=b.legend, marker="." if b.grid.size == 1 else None)
         ax.fill_between(b.grid, b.low, b.high, color=b.color, alpha=0.2, lw=0)
+        if not math.isnan(b.start):
+            ax.axvline(b.start, color=b.color, ls=":", lw=1)
     ax.axhline(g1, color="k", ls="--", lw=1, label=f"G1 = {g1:g}")
     ax.axhline(g2, color="k", ls=":", lw=1, label=f"G2 = {g2:g}")
     # The y range follows the returns themselves: with 2-3 seeds a t band (t = 12.7 at n = 2) can reach far past any
@@ -1104,7 +1165,7 @@ def write_outputs(args, descriptions, verbose: bool = True) -> str:
         runs = [r for r in runs if r.env_id == args.env_id]
         if not runs:
             raise PlotCIError(f"no runs of env {args.env_id} below {', '.join(args.dirs)} (found: {', '.join(envs)})")
-    unused = sorted(set(merges) - {r.exp_name for r in runs})
+    unused = sorted(set(merges) - {name for r in runs for name in (r.exp_name, family_names(r, merges)[0])})
     if unused:
         note(f"--merge names no run: {', '.join(unused)}")
     rows, rejected = summarize(runs, args.metric, args.min_steps, args.g1, args.g2, merges)

@@ -24,12 +24,13 @@ T975 = {1: 12.706204736174707, 2: 4.302652729911275, 3: 3.182446305284263, 4: 2.
 # ---------------------------------------------------------------------------
 # Fixture run folders
 # ---------------------------------------------------------------------------
-def write_run(root: Path, env_id: str, exp_name: str, seed: int, rows, kind: str = "tdmpc") -> Path:
+def write_run(root: Path, env_id: str, exp_name: str, seed: int, rows, kind: str = "tdmpc", init_from=None) -> Path:
     """A run folder like the scripts write (docs/plot_ci.md, "Run folders"). rows: (step, return_pi, return_mppi)
-    for TD-MPC, (step, return, return_deterministic) for PPO."""
+    for TD-MPC, (step, return, return_deterministic) for PPO; init_from: args.json's record of a continuation."""
     run_dir = root / f"{env_id}__{exp_name}__{seed}__{1_700_000_000 + seed}"
     run_dir.mkdir(parents=True)
-    (run_dir / "args.json").write_text(json.dumps({"env_id": env_id, "exp_name": exp_name, "seed": seed}, indent=2))
+    args = {"env_id": env_id, "exp_name": exp_name, "seed": seed, "init_from": init_from}
+    (run_dir / "args.json").write_text(json.dumps(args, indent=2))
     header = "step,wall_time,return,return_deterministic" if kind == "ppo" else "step,wall_time,return_pi,return_mppi"
     lines = [header] + [f"{int(s)},{i * 10.0},{a},{b}" for i, (s, a, b) in enumerate(rows)]
     (run_dir / "eval.csv").write_text("\n".join(lines) + "\n")
@@ -255,6 +256,41 @@ def test_merge_and_metric_choice(runs_root, tmp_path, capsys):
     assert rows["HopperHop", "glass_off_1m"]["Values"] == "379.0, 585.3, 530.3, 541.7, 533.1"
     assert rows["HopperHop", "glass_off_2m"]["Values"] == "290.0, 600.0, 510.0"
     assert rows["CartpoleBalance", "ppo"]["Values"] == "800.0, 900.0"
+
+
+def test_continuation_is_its_own_family(tmp_path, capsys):
+    root = tmp_path / "runs"
+    source = write_run(root, "HopperHop", "tdmpc2", 1, ramp(4_000_000, 500.0))
+    write_run(root, "HopperHop", "tdmpc2", 2, ramp(4_000_000, 600.0))
+    # Its own folder as the scripts make it (a new timestamp); eval.csv rows after the checkpoint step.
+    record = {"run_dir": str(source), "step": 2_000_000,
+              "changed": {"lr": {"before": 3e-4, "after": 1e-4}, "total_steps": {"before": 4_000_000, "after": 6e6}}}
+    rows = [(s, 700.0, 690.0) for s in range(2_500_000, 6_000_001, 500_000)]
+    write_run(root / "continued", "HopperHop", "tdmpc2", 1, rows, init_from=record)
+    out = tmp_path / "out"
+    text = main_ok(capsys, root, "--out", out)
+    family = "tdmpc2 (continued from step 2,000,000: lr 0.0003→0.0001)"  # total_steps: how it ran, left out
+    rows = table_rows(text)
+    assert set(rows) == {("HopperHop", "tdmpc2"), ("HopperHop", family)}
+    assert (rows["HopperHop", "tdmpc2"]["Runs"], rows["HopperHop", "tdmpc2"]["Values"]) == ("2", "500.0, 600.0")
+    assert (rows["HopperHop", family]["Runs"], rows["HopperHop", family]["Values"]) == ("1", "700.0")
+    assert {r["family"] for r in read_csv(out / "ci_table.csv")} == {"tdmpc2", family}
+    assert {r["family"] for r in read_csv(out / "curves_HopperHop.csv")} == {"tdmpc2", family}
+    runs = plot_ci.load_runs([root])
+    starts = {b.family: b.start for b in plot_ci.env_bands(plot_ci.summarize(runs)[0], [], "best-any", 2)}
+    assert starts[family] == 2_000_000 and math.isnan(starts["tdmpc2"])  # the dotted line where it was continued
+    # A continuation family can be renamed by its whole name; a continuation that changed no flag of the algorithm
+    # is still no from-scratch seed.
+    rows = table_rows(main_ok(capsys, root, "--merge", f"{family}=tdmpc2_lr_drop", "--out", out))
+    assert rows["HopperHop", "tdmpc2_lr_drop"]["Runs"] == "1" and rows["HopperHop", "tdmpc2"]["Runs"] == "2"
+    args_path = next((root / "continued").iterdir()) / "args.json"
+    args_path.write_text(json.dumps({**json.loads(args_path.read_text()), "init_from": {**record, "changed": {}}}))
+    assert ("HopperHop", "tdmpc2 (continued from step 2,000,000)") in table_rows(main_ok(capsys, root, "--out", out))
+
+    for bad in (f"{source}:2000000", {**record, "step": "2000000"}, {**record, "changed": {"lr": 1e-4}}):
+        args_path.write_text(json.dumps({"env_id": "HopperHop", "exp_name": "tdmpc2", "seed": 1, "init_from": bad}))
+        err = main_err(capsys, root, "--out", out)
+        assert f"{args_path}: init_from " in err and "is not a record" in err
 
 
 def test_min_steps_g1_g2_flags(runs_root, tmp_path, capsys):
