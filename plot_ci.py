@@ -7,6 +7,7 @@
 #   python plot_ci.py runs/ [--metric best-any] [--merge OLD=NEW] [--env-id HopperHop] \
 #       [--baseline data/official_tdmpc2/hopper-hop.csv] [--aggregate] [--compare X Y] [--out plots/] \
 #       [--describe families.json] [--html] [--watch 300]
+#   python plot_ci.py --glass-timeline runs/RUN_DIR [--thresholds 100 250 400]   # a Glass run's partition S over time
 #
 # Depends only on numpy, matplotlib and the standard library.
 """Compare families of runs: the 5-seed table (mean, Student-t 95% CI, G1 hits), learning curves with 95% bands, and
@@ -25,6 +26,7 @@ import re
 import signal
 import sys
 import time
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.colors import hsv_to_rgb, to_hex
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
@@ -1025,6 +1028,91 @@ def _csv_num(x: float) -> str:
 
 
 # ---------------------------------------------------------------------------
+# --glass-timeline: a Glass run's partition S over its evaluations (docs/plot_ci.md, "Glass timeline")
+# ---------------------------------------------------------------------------
+GLASS_THRESHOLDS = (100.0, 250.0, 400.0)
+
+
+def read_glass_partitions(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(env steps (T,), S (T, N, K)) from the glass/P_S_step{step}.npz that tdmpc_glass_jax.py writes at every
+    evaluation but the first: row n of S is prototype n's soft membership of the K clusters (it sums to 1)."""
+    dumps = sorted((int(m[1]), path) for path in Path(run_dir, "glass").glob("P_S_step*.npz")
+                   if (m := re.fullmatch(r"P_S_step(\d+)\.npz", path.name)))
+    if not dumps:
+        raise PlotCIError(f"{run_dir}: no glass/P_S_step*.npz (a tdmpc_glass_jax.py run writes one per evaluation "
+                          "after the first)")
+    partitions = []
+    for _, path in dumps:
+        try:
+            with open(path, "rb") as f:
+                S = np.asarray(np.load(f)["S"], dtype=float)
+        except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
+            raise PlotCIError(f"{path}: not an .npz with the partition S ({type(e).__name__}: {e})") from None
+        if S.ndim != 2 or (partitions and S.shape != partitions[0].shape):
+            want = "(prototypes, clusters)" if not partitions else f"{partitions[0].shape} as in the earlier dumps"
+            raise PlotCIError(f"{path}: S has shape {S.shape}, expected {want}")
+        partitions.append(S)
+    return np.array([step for step, _ in dumps]), np.stack(partitions)
+
+
+def first_crossings(run: Run, thresholds) -> dict:
+    """{threshold: the first evaluation step at which max(return_pi, return_mppi) >= it, None if never}."""
+    score = score_curve(run, "best-any")
+    return {t: int(run.steps[np.argmax(score >= t)]) if np.any(score >= t) else None for t in thresholds}
+
+
+def plot_glass_timeline(path: Path, run: Run, steps, S, crossings: dict) -> None:
+    """One panel per prototype: its membership of each cluster as stacked areas over env steps, and a vertical
+    line where the run's return first crosses each threshold (the same lines in every panel)."""
+    num_prototypes, num_clusters = S.shape[1:]
+    cols = math.ceil(math.sqrt(num_prototypes))
+    rows = math.ceil(num_prototypes / cols)
+    fig = Figure(figsize=(2.4 * cols + 0.6, 1.7 * rows + 1.4), dpi=110)
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    cmap = colormaps["tab10" if num_clusters <= 10 else "tab20"]
+    colors = [cmap(k % cmap.N) for k in range(num_clusters)]
+    styles = ("--", "-.", ":")
+    reached = [(t, step) for t, step in crossings.items() if step is not None]
+    for n, ax in enumerate(axes):
+        if n >= num_prototypes:
+            ax.set_visible(False)
+            continue
+        ax.stackplot(steps, S[:, n, :].T, colors=colors, labels=[f"cluster {k}" for k in range(num_clusters)])
+        for i, (t, step) in enumerate(reached):
+            ax.axvline(step, color="k", ls=styles[i % len(styles)], lw=1,
+                       label=f"max(pi, mppi) ≥ {t:g} at step {step:,}")
+        ax.set_title(f"prototype {n}", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.xaxis.set_major_formatter(FuncFormatter(_steps_label))
+        ax.tick_params(labelsize=7)
+    missed = [f"{t:g}" for t, step in crossings.items() if step is None]
+    title = (f"{run.path.name}: each prototype's cluster membership S (glass/P_S_step*.npz)\n{run.env_id}, "
+             f"{run.exp_name}, seed {run.seed}" + (f"; never reached: {', '.join(missed)}" if missed else ""))
+    fig.suptitle(title, fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # room below for the legend
+    fig.supxlabel("environment steps", fontsize=8, y=0.085)
+    save_figure(fig, path)
+
+
+def read_glass_timeline(run_dir) -> tuple[Run, np.ndarray, np.ndarray]:
+    """--glass-timeline RUN_DIR: (the run, its dumps' steps, their S), read before any output is written."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "args.json").is_file() or not (run_dir / "eval.csv").is_file():
+        raise PlotCIError(f"--glass-timeline {run_dir}: not a run folder (no args.json and eval.csv there)")
+    return read_run(run_dir), *read_glass_partitions(run_dir)
+
+
+def write_glass_timeline(out: Path, thresholds, run: Run, steps, S) -> str:
+    """glass_timeline_{run folder}.png in `out`; returns its file name."""
+    name = f"glass_timeline_{_file_name(run.path.resolve().name)}.png"
+    out.mkdir(parents=True, exist_ok=True)
+    plot_glass_timeline(out / name, run, steps, S, first_crossings(run, thresholds))
+    return name
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
@@ -1055,10 +1143,11 @@ def build_parser() -> argparse.ArgumentParser:
               "are listed under the table. Writes the table to stdout and ci_table.md, ci_table.csv, "
               "curves_{env}.png and curves_{env}.csv to --out; with --aggregate or --compare also aggregate.md, "
               "aggregate.csv, improvement.csv, profiles.csv, aggregate.png and profiles.png; with --html or --watch "
-              "also index.html. Docs: docs/plot_ci.md.")
+              "also index.html; with --glass-timeline glass_timeline_{run}.png. Docs: docs/plot_ci.md.")
     p = _Parser(prog="plot_ci.py", description=__doc__, epilog=epilog)
-    p.add_argument("dirs", nargs="+", metavar="DIR",
-                   help="folders searched recursively for runs (an eval.csv with a sibling args.json)")
+    p.add_argument("dirs", nargs="*", metavar="DIR",
+                   help="folders searched recursively for runs (an eval.csv with a sibling args.json); optional with "
+                        "--glass-timeline")
     p.add_argument("--metric", default="best-any", choices=METRICS,
                    help="per-run value. TD-MPC: best-pi/best-mppi = max of return_pi/return_mppi, best-any = max of "
                         "both, final = last row of max(pi, mppi), strength = mean over rows of it. PPO runs use "
@@ -1101,6 +1190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=_positive_int, metavar="SECONDS",
                    help="rewrite every output each SECONDS until Ctrl-C, and make the page reload at that period "
                         "(implies --html)")
+    p.add_argument("--glass-timeline", metavar="RUN_DIR",
+                   help="also (or, without DIRs, only) glass_timeline_{run}.png: each prototype's cluster membership "
+                        "from the Glass run's glass/P_S_step*.npz over env steps, with a line where its return "
+                        "first crosses each --thresholds value")
+    p.add_argument("--thresholds", nargs="+", type=float, default=list(GLASS_THRESHOLDS), metavar="RETURN",
+                   help="returns marked on --glass-timeline: the first step max(return_pi, return_mppi) >= each "
+                        "(default: 100 250 400)")
     p.add_argument("--out", default=".", help="folder for the tables, pictures and their CSVs (default: .)")
     return p
 
@@ -1110,7 +1206,10 @@ def _file_name(env_id: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.dirs and args.glass_timeline is None:
+        parser.error("the following arguments are required: DIR")
     args.html = args.html or args.watch is not None
     return args
 
@@ -1242,12 +1341,16 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         descriptions = read_descriptions(args.describe)
-        text = write_outputs(args, descriptions)
+        timeline = read_glass_timeline(args.glass_timeline) if args.glass_timeline is not None else None
+        text = write_outputs(args, descriptions) if args.dirs else ""
+        if timeline is not None:
+            name = write_glass_timeline(Path(args.out), args.thresholds, *timeline)
+            print(f"plot_ci.py: wrote {name} in {args.out}", file=sys.stderr)
     except (PlotCIError, OSError) as e:
         print(f"plot_ci.py: error: {e}", file=sys.stderr)
         return 1
     print(text, end="", flush=True)
-    if args.watch:
+    if args.watch and args.dirs:  # the timeline is drawn once
         watch(args, descriptions)
     return 0
 

@@ -576,6 +576,61 @@ def test_aggregate_errors_are_one_line(runs_root, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------
+# --glass-timeline
+# ---------------------------------------------------------------------------
+def write_glass_dumps(run_dir: Path, steps, num_prototypes: int = 5, num_clusters: int = 3) -> np.ndarray:
+    """glass/P_S_step{step}.npz as tdmpc_glass_jax.py writes them (P, A, S), S's rows softmaxed; returns S (T, N, K)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(len(steps), num_prototypes, num_clusters))
+    S = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    (run_dir / "glass").mkdir()
+    P = np.full((num_prototypes, num_prototypes), 1 / num_prototypes)
+    for step, s in zip(steps, S, strict=True):
+        np.savez(run_dir / "glass" / f"P_S_step{step}.npz", P=P, A=P / num_prototypes, S=s)
+    return S
+
+
+def test_glass_timeline(tmp_path, capsys, monkeypatch):
+    rows = [(s, s / 5_000, s / 5_000 - 50) for s in range(0, 1_500_001, 250_000)]  # 100 at 500k, 250 at 1.25M
+    run_dir = write_run(tmp_path / "runs", "HopperHop", "glass", 3, rows)
+    steps = [250_000, 500_000, 1_000_000, 1_500_000]
+    S = write_glass_dumps(run_dir, steps)
+    (run_dir / "glass" / "clusters_step500000.png").write_bytes(b"")  # other files there are not read
+    got_steps, got_S = plot_ci.read_glass_partitions(run_dir)
+    assert list(got_steps) == steps and np.allclose(got_S, S)  # by step as a number, not as text
+    run = plot_ci.read_run(run_dir)
+    assert plot_ci.first_crossings(run, [100, 250, 400]) == {100: 500_000, 250: 1_250_000, 400: None}
+
+    figures = {}
+    save = plot_ci.save_figure
+    monkeypatch.setattr(plot_ci, "save_figure", lambda fig, path: (figures.update({path.name: fig}), save(fig, path)))
+    out = tmp_path / "out"
+    assert main_ok(capsys, "--glass-timeline", run_dir, "--out", out) == ""  # without DIRs: no table
+    name = f"glass_timeline_{run_dir.name}.png"
+    assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_bytes().startswith(b"\x89PNG")
+    fig = figures[name]
+    title = fig.get_suptitle()
+    assert run_dir.name in title and "seed 3" in title and "never reached: 400" in title
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [f"prototype {n}" for n in range(5)]  # 5 of a 3 x 2 grid
+    assert [line.get_xdata()[0] for line in panels[4].get_lines()] == [500_000, 1_250_000]
+    assert len(panels[0].collections) == 3  # one stacked area per cluster
+    main_ok(capsys, "--glass-timeline", run_dir, "--thresholds", "10", "--out", out)
+    assert "never reached" not in figures[name].get_suptitle()
+
+    assert "required: DIR" in main_err(capsys, "--out", out)
+    np.savez(run_dir / "glass" / "P_S_step2000000.npz", S=np.ones((4, 3)))
+    assert "S has shape (4, 3), expected (5, 3)" in main_err(capsys, "--glass-timeline", run_dir, "--out", out)
+    (run_dir / "glass" / "P_S_step2000000.npz").write_bytes(b"not a zip")
+    err = main_err(capsys, tmp_path / "runs", "--glass-timeline", run_dir, "--out", tmp_path / "none")
+    assert "P_S_step2000000.npz: not an .npz with the partition S" in err
+    assert not (tmp_path / "none").exists()  # read before the table's outputs are written
+    other = write_run(tmp_path / "runs", "HopperHop", "tdmpc2", 1, rows)
+    assert "no glass/P_S_step*.npz" in main_err(capsys, "--glass-timeline", other)
+    assert "not a run folder" in main_err(capsys, "--glass-timeline", tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------
 # Bad inputs: one line on stderr, non-zero exit, no traceback
 # ---------------------------------------------------------------------------
 def test_no_runs_found(tmp_path, capsys):
