@@ -18,6 +18,7 @@ Formulas, implementation details with their Brax sources, logged metrics and mea
     python ppo_playground.py --resume runs/CartpoleBalance__ppo_playground__1__1764590000   # continue a run
     python ppo_playground.py --env-id CartpoleBalance --capture-video   # videos/deterministic_step{N}.mp4 per eval
     python ppo_playground.py --evaluate runs/CartpoleBalance__ppo_playground__1__1764590000   # its newest checkpoint
+    python ppo_playground.py --init-from runs/CartpoleBalance__ppo_playground__1__1764590000:9830400 --entropy-cost 0
 """
 
 import dataclasses
@@ -146,6 +147,8 @@ class Args:
     """write the final checkpoint even with --checkpoint-every 0"""
     resume: Optional[str] = None
     """run folder to continue from its newest complete checkpoint (only run flags and --total-steps may change)"""
+    init_from: Optional[str] = None
+    """RUN_DIR[:STEP]: a new run in its own folder from that checkpoint's whole state (unset STEP = the newest)"""
     evaluate: Optional[str] = None
     """run folder whose checkpoint is evaluated as training evaluated it, to {run_dir}/evaluations/step{N}.json"""
     evaluate_step: Optional[int] = None
@@ -763,6 +766,7 @@ def train(args: Args) -> list[Path]:
     and return []."""
     if args.distributed:
         start_distributed()  # before anything asks JAX for its devices
+    args = continuation_config(args) if args.init_from is not None else args
     args, dirs = resume_config(args) if args.resume is not None else (args, None)
     if args.capture_video and sys.platform == "linux":  # before MuJoCo is imported: it picks its backend then
         os.environ.setdefault("MUJOCO_GL", "egl")  # Mesa's EGL renders without a display, on CPU-only machines too
@@ -1035,7 +1039,7 @@ def run_config(args: Args, seed_index: int) -> dict:
     """The resolved config of run `seed_index` (its seed is seed + seed_index): its args.json without the metadata,
     and for run 0 what --dry-run prints."""
     config = dataclasses.asdict(args)
-    for name in ("dry_run", "resume", "distributed", "evaluate", "evaluate_step"):  # how it is started, not its config
+    for name in ("dry_run", "resume", "init_from", "distributed", "evaluate", "evaluate_step"):  # how it is started
         del config[name]
     return config | dict(seed=args.seed + seed_index, seed_index=seed_index)
 
@@ -1101,6 +1105,7 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
         raise UserError(f"--resume: {run_dir} is not a run folder (no args.json)" if run_dir.is_dir()
                         else f"--resume: no folder {run_dir}")
     saved = json.loads((run_dir / "args.json").read_text())
+    saved.pop("init_from", None)  # a continuation's record of its start (SeedRuns.open keeps it)
     other = saved.pop("metadata", {}).get("script", script)
     names, seed_index = saved.pop("batch_run_dirs", None), saved.pop("seed_index", 0)
     defaults, fields = Args(), {f.name for f in dataclasses.fields(Args)}
@@ -1145,6 +1150,60 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     return args, dirs
 
 
+# Flags the stored state was made with: its arrays' shapes and structure, or the simulation it steps.
+STATE_FLAGS = ("env_id", "impl", "num_envs", "policy_hidden_sizes", "value_hidden_sizes", "naconmax", "njmax")
+# Derived from the flags (not flags themselves), and how a run is started: left out of init_from's "changed".
+NOT_FLAGS = ("observation_size", "action_size", "steps_per_iteration", "iterations_per_epoch", "num_iterations",
+             "total_steps_resolved", "eval_steps", "init_from", "run_dir", "resume", "dry_run", "distributed",
+             "evaluate", "evaluate_step", "num_seeds")
+
+
+def continuation_config(cli: Args) -> Args:
+    """--init-from RUN_DIR[:STEP]: the source folder's config, as it ran, with the flags given now; those that the
+    stored state cannot take are refused. The continuation trains one seed, the source folder's, from the step it
+    names (`init_from` holds it from here on, also when STEP was left to the newest checkpoint)."""
+    if cli.resume is not None:
+        raise UserError("--init-from starts a new run from a checkpoint, --resume continues a run: give one of them")
+    source, step = init_from_source(cli.init_from)
+    config = saved_config(source, "--init-from")
+    step = complete_checkpoint(source, step, "--init-from")
+    config = dataclasses.replace(config, num_seeds=1, run_dir=None, evaluate=None, evaluate_step=None)
+    default = Args()
+    given = {f.name for f in dataclasses.fields(Args) if getattr(cli, f.name) != getattr(default, f.name)}
+    if cli.num_seeds != 1:
+        raise UserError("--init-from continues one seed, the source folder's: --num-seeds must be 1")
+    for name in sorted(given):
+        before, after = getattr(config, name), getattr(cli, name)
+        # a clipping threshold may change, but clipping on or off changes the optimiser state's structure
+        clipping = name == "max_grad_norm" and (before is None) != (after is None)
+        if name in STATE_FLAGS and after != before or clipping:
+            before, after = (" ".join(map(str, v)) if isinstance(v, tuple) else v for v in (before, after))  # as typed
+            raise UserError(f"--init-from: --{name.replace('_', '-')} {after} differs from the source run's "
+                            f"{before}, and the checkpoint's state was made with it")
+    return dataclasses.replace(config, **{name: getattr(cli, name) for name in given - {"init_from"}},
+                               init_from=f"{source}:{step}")
+
+
+def init_from_source(value: str) -> tuple[Path, Optional[int]]:
+    """RUN_DIR[:STEP] -> (folder, step or None for the newest checkpoint)."""
+    folder, _, step = value.rpartition(":")
+    return (Path(folder), int(step)) if folder and step.isdigit() else (Path(value), None)
+
+
+def continuation_record(args: Args, source: Path, step: int) -> dict:
+    """args.json's init_from: the source folder, its step, and every flag whose value differs from the source run's
+    (before/after, as in args.json), so that a continuation is never mistaken for a run from scratch."""
+    config = saved_config(source, "--init-from")
+
+    def as_json(value):  # tuples as lists, as args.json holds them
+        return json.loads(json.dumps(value))
+
+    changed = {f.name: {"before": as_json(getattr(config, f.name)), "after": as_json(getattr(args, f.name))}
+               for f in dataclasses.fields(Args)
+               if f.name not in NOT_FLAGS and as_json(getattr(config, f.name)) != as_json(getattr(args, f.name))}
+    return {"run_dir": str(source), "step": step, "changed": changed}
+
+
 def checkpoint_due(args: Args, step: int) -> bool:
     """Whether the iteration that ends at `step` writes a checkpoint: at every evaluation by default, at the first
     iteration at or past each multiple of --checkpoint-every, and at the end (with 0: only with --save-model)."""
@@ -1164,11 +1223,14 @@ class SeedRuns:
         self.args, self.mesh, self.dirs = args, mesh, dirs
         self.local = local_seeds(args.num_seeds, mesh)
         self.writers, self.eval_logs, self.tracked, self.managers = {}, {}, {}, {}
+        self.init_from = None  # a continuation's record of where it started (args.json's init_from)
 
     def start(self, env) -> tuple[dict, dict]:
         """(carry, loop counters) of a new run, or of the newest step that every seed of a resumed batch restores
         (read before anything is written: a refused resume leaves the folders as they were); then opens the logs."""
         args = self.args
+        if args.init_from is not None:
+            return self.continue_from(env)
         if args.resume is None:
             keys = seed_sharded(self.mesh, np.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)]))
             self.open(resume_step=None)
@@ -1187,6 +1249,26 @@ class SeedRuns:
         self.open(resume_step=step)
         return carry, loop
 
+    def continue_from(self, env) -> tuple[dict, dict]:
+        """--init-from: (carry, loop counters) of the source checkpoint's seed, its steps going on from there."""
+        source, step = init_from_source(self.args.init_from)
+        step, stored, loop = stored_checkpoint(env, self.args, source, step, "--init-from")
+        if step >= self.args.total_steps_resolved:
+            raise UserError(f"--init-from: that checkpoint is at step {step:,}; pass a --total-steps past it")
+        if step % self.args.steps_per_iteration:
+            raise UserError(f"--init-from: step {step:,} is not a whole number of iterations of "
+                            f"{self.args.steps_per_iteration:,} env steps; change --batch-size, --num-minibatches, "
+                            "--unroll-length or --action-repeat so that it is")
+        stored = jax.tree.map(lambda x: x[None], stored)  # the one seed of the new batch
+        carry = jax.tree.map(functools.partial(jax.make_array_from_process_local_data, seed_sharding(self.mesh)),
+                             stored)
+        carry = over_seeds(lambda c: c, self.mesh)(carry)  # laid out as the training programs' outputs (see start)
+        self.init_from = continuation_record(self.args, source, step)
+        changed = ", ".join(f"{name} {c['before']} -> {c['after']}" for name, c in self.init_from["changed"].items())
+        print(f"continued from {source} at step {step:,} ({changed or 'no flag changed'})", flush=True)
+        self.open(resume_step=None)
+        return carry, dict(loop, iteration=step // self.args.steps_per_iteration)
+
     def open(self, resume_step: Optional[int]):
         import orbax.checkpoint as ocp  # imported here: importing this file stays cheap
         from tensorboardX import SummaryWriter
@@ -1200,6 +1282,10 @@ class SeedRuns:
             run_dir, config = self.dirs[i], run_config(self.args, i)
             run_dir.mkdir(parents=True, exist_ok=True)
             record = {**config, "batch_run_dirs": [d.name for d in self.dirs], "metadata": meta}
+            if resume_step is not None and self.init_from is None:  # a resumed continuation keeps its record
+                self.init_from = json.loads((run_dir / "args.json").read_text()).get("init_from")
+            if self.init_from is not None:
+                record["init_from"] = self.init_from
             atomic_write(run_dir / "args.json", json.dumps(record, indent=2).encode())
             # TensorBoard drops the events after the checkpoint step, which the resumed run writes again.
             self.writers[i] = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
@@ -1367,7 +1453,7 @@ def evaluate_run(cli: Args) -> Path:
     if config.impl == "warp" and changed.get("num_eval_envs", config.num_eval_envs) != config.num_eval_envs:
         changed["naconmax"] = None  # sized again for the evaluation's env count
     # the saved run flags do not apply to an evaluation; a video only when asked for now
-    run_flags = dict(resume=None, dry_run=False, distributed=False, track=False, capture_video=False)
+    run_flags = dict(resume=None, init_from=None, dry_run=False, distributed=False, track=False, capture_video=False)
     config = dataclasses.replace(config, **{**run_flags, **changed})
     if config.capture_video and sys.platform == "linux":  # before MuJoCo is imported: it picks its backend then
         os.environ.setdefault("MUJOCO_GL", "egl")
@@ -1405,6 +1491,7 @@ def saved_config(run_dir: Path, flag: str) -> Args:
         what = "no such folder" if not run_dir.is_dir() else "no args.json there"
         raise UserError(f"{flag} {run_dir}: {what} (expected a run folder of {script})")
     saved = json.loads((run_dir / "args.json").read_text())
+    saved.pop("init_from", None)  # a continuation's record of its start, not a flag value
     known = {f.name for f in dataclasses.fields(Args)}
     batch = {"metadata", "batch_run_dirs", "seed_index"}
     if saved.get("metadata", {}).get("script", script) != script or not set(saved) - batch <= known:
@@ -1426,12 +1513,8 @@ def stored_checkpoint(env, args: Args, run_dir: Path, step: Optional[int], flag:
     changing anything there."""
     import orbax.checkpoint as ocp
 
-    manager = read_only_checkpoints(run_dir) if (run_dir / "checkpoints").is_dir() else None
-    steps = [] if manager is None else list(manager.all_steps())
-    step = max(steps, default=None) if step is None else step
-    if step not in steps:
-        have = ", ".join(map(str, sorted(steps))) or "none (was it run with --checkpoint-every 0?)"
-        raise UserError(f"{flag} {run_dir}: no checkpoint at step {step}; complete checkpoints: {have}")
+    step = complete_checkpoint(run_dir, step, flag)
+    manager = read_only_checkpoints(run_dir)
     target = jax.eval_shape(functools.partial(init_carry, env, args), jax.random.PRNGKey(0))
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
@@ -1444,6 +1527,18 @@ def stored_checkpoint(env, args: Args, run_dir: Path, step: Optional[int], flag:
             raise UserError(f"{flag} {run_dir}: checkpoint step {step} does not fit the run's config: "
                             f"{jax.tree_util.keystr(path)} has shape {x.shape}, the config gives {t.shape}")
     return step, state, restored.loop
+
+
+def complete_checkpoint(run_dir: Path, step: Optional[int], flag: str) -> int:
+    """`step` (unset: the newest) if the run folder holds a complete checkpoint there; else one line naming those it
+    holds."""
+    checkpoints = run_dir / "checkpoints"
+    steps = list(read_only_checkpoints(run_dir).all_steps()) if checkpoints.is_dir() else []
+    step = max(steps, default=None) if step is None else step
+    if step not in steps:
+        have = ", ".join(map(str, sorted(steps))) or "none (was it run with --checkpoint-every 0?)"
+        raise UserError(f"{flag} {run_dir}: no checkpoint at step {step}; complete checkpoints: {have}")
+    return step
 
 
 def episode_statistics(returns: np.ndarray) -> dict:

@@ -169,8 +169,7 @@ class Args:
     resume: Optional[str] = None
     """run folder to continue from its newest complete checkpoint (only run flags and --total-steps may change)"""
     init_from: Optional[str] = None
-    """RUN_DIR[:STEP]: a new run in its own folder from that checkpoint's whole state (unset STEP = the newest), with
-    any flag changed but the state's sizes"""
+    """RUN_DIR[:STEP]: a new run from that checkpoint's whole state (STEP unset: the newest); state sizes fixed"""
     dry_run: bool = False
     """print the resolved config as one JSON object and exit, writing nothing"""
     evaluate: Optional[str] = None

@@ -213,14 +213,20 @@ class Args:
     """write the final checkpoint even with --checkpoint-every 0"""
     resume: Optional[str] = None
     """run folder to continue from its newest complete checkpoint (only run flags and --total-steps may change)"""
+    init_from: Optional[str] = None
+    """RUN_DIR[:STEP]: a new run from that checkpoint's whole state (STEP unset: the newest); state sizes fixed"""
     dry_run: bool = False
     """print the resolved config as one JSON object and exit, writing nothing"""
     evaluate: Optional[str] = None
     """run folder whose checkpoint to evaluate instead of training (to {run_dir}/evaluations/step{N}.json)"""
     evaluate_step: Optional[int] = None
     """with --evaluate: the env step of the checkpoint (unset = the newest complete one)"""
+    dump_rollouts: bool = False
+    """with --evaluate: also write per step obs, latent, action, reward, prototype, cluster to rollouts_step{N}.npz"""
     capture_video: bool = False
     """record eval videos (pi, MPPI) with each frame's Glass cluster, and glass/clusters_step{N}.png (S, P, clusters)"""
+    video_episodes: int = 1
+    """with --capture-video: episodes recorded per mode (the second is {mode}_step{N}_episode1.mp4, and so on)"""
     video_every: int = 1
     """with --capture-video: record every this many evaluations"""
     video_height: int = 240
@@ -420,7 +426,7 @@ def resolve_args(args: Args, venv) -> Args:
                 "log_freq", "buffer_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "simnorm_dim",
                 "batch_size", "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std",
                 "min_std", "episode_length", "seed_steps", "iterations", "discount", "keep_checkpoints", "video_every",
-                "video_height", "video_width"]
+                "video_episodes", "video_height", "video_width"]
     positive += ["glass_proto_temperature", "glass_assign_temperature", "glass_num_prototypes", "glass_num_clusters",
                  "glass_every_k_updates"]
     for name in positive:
@@ -456,6 +462,9 @@ def resolve_args(args: Args, venv) -> Args:
          f"--keep-every ({args.keep_every}) must be a multiple of --checkpoint-every ({args.checkpoint_every}): "
          "checkpoints are written only there"),
         (args.evaluate_step is None or args.evaluate is not None, "--evaluate-step needs --evaluate RUN_DIR"),
+        (not args.dump_rollouts or args.evaluate is not None, "--dump-rollouts needs --evaluate RUN_DIR"),
+        (args.video_episodes <= args.eval_episodes,
+         f"--video-episodes ({args.video_episodes}) must not exceed --eval-episodes ({args.eval_episodes})"),
         (seed_vector_steps >= args.horizon,
          f"--seed-steps ({seed_steps}) must cover at least horizon={args.horizon} vector steps "
          f"({args.horizon * env_steps_per_vector_step} env steps) so that the first batch has whole sequences"),
@@ -1226,27 +1235,26 @@ class Trainer:
         """Scan of `num_vector_steps` vector steps; per-step stats and loss means come back stacked."""
         return jax.lax.scan(self.vector_step, carry, None, length=num_vector_steps)
 
-    def evaluate(self, agent: AgentState, key, record: bool = False):
+    def evaluate(self, agent: AgentState, key, record: bool = False, dump: bool = False):
         """Undiscounted returns of `eval_episodes` full episodes with the policy mean and with MPPI (no noise), as
-        ((episodes,), (episodes,)); both sets of episodes step together as one batch of envs. With `record`, also the
-        poses of the first episode of each mode, (T + 1, 2) per field of RENDER_FIELDS plus `alive` and `cluster` (the
-        Glass cluster of each frame's latent), for `Videos` and `write_cluster_figure` to draw afterwards, and the
-        partition `S` the labels used (without `record` the compiled program is the one without video)."""
-        venv, num = self.venv, self.args.eval_episodes
+        ((episodes,), (episodes,)); both sets of episodes step together as one batch of envs. Then a dict (None when
+        neither is asked for: the compiled program is the training loop's plain one): with `record`, "poses" of the
+        first `video_episodes` episodes of each mode, (T + 1, 2 * video_episodes) per field of RENDER_FIELDS plus
+        `alive` and `cluster` (the Glass cluster of each frame's latent), for `Videos` and `write_cluster_figure`;
+        with `dump`, the "rollout": per step (T, 2 * episodes) the observation, latent, action, reward, whether the
+        episode was still running, the nearest prototype `c` and its cluster; and the partition "S" the labels used."""
+        venv, num, shown = self.venv, self.args.eval_episodes, self.args.video_episodes
         k_reset, k_steps = jax.random.split(key)
-        first_of_each_mode = jnp.array([0, num])
+        recorded = jnp.concatenate([jnp.arange(shown), num + jnp.arange(shown)])  # pi episodes, then MPPI ones
         glass = agent.wm_params["glass"]
-        S = partition(glass, self.args) if record else None
-
-        def clusters(env_state):  # defined whether or not the schedule has Glass on: prototypes and S always exist
-            z = self.model.encode(agent.wm_params, observation(env_state)[first_of_each_mode])
-            return cluster_label(z, glass["prototypes"], S)
+        S = partition(glass, self.args) if record or dump else None  # prototypes and S exist whether Glass is on or not
 
         def poses(env_state, alive):  # None without record: nothing extra is traced
             if not record:
                 return None
-            fields = {name: getattr(env_state.data, name)[first_of_each_mode] for name in RENDER_FIELDS}
-            return {**fields, "alive": alive[first_of_each_mode], "cluster": clusters(env_state)}
+            fields = {name: getattr(env_state.data, name)[recorded] for name in RENDER_FIELDS}
+            z = self.model.encode(agent.wm_params, observation(env_state)[recorded])
+            return {**fields, "alive": alive[recorded], "cluster": cluster_label(z, glass["prototypes"], S)}
 
         def step(carry: EvalCarry, k):
             k_pi, k_mppi = jax.random.split(k)
@@ -1255,14 +1263,21 @@ class Trainer:
             is_first = jnp.full(num, carry.t == 0)
             action_mppi, plan_mean = act_mppi(self.model, agent, obs[num:], carry.plan_mean, is_first, k_mppi,
                                               eval_mode=True)
-            env_state, reward, done = venv.step(carry.env_state, jnp.concatenate([action_pi, action_mppi]))
+            action = jnp.concatenate([action_pi, action_mppi])
+            env_state, reward, done = venv.step(carry.env_state, action)
+            rollout = None
+            if dump:
+                z = self.model.encode(agent.wm_params, obs)
+                nearest = jnp.argmax(unit_rows(z) @ unit_rows(glass["prototypes"]).T, axis=-1)
+                rollout = {"obs": obs, "z": z, "action": action, "reward": reward, "alive": carry.alive,
+                           "c": nearest, "cluster": jnp.argmax(S[nearest], axis=-1)}
             return EvalCarry(
                 env_state=env_state,
                 plan_mean=plan_mean,
                 alive=carry.alive & ~done,
                 total_return=carry.total_return + reward * carry.alive,
                 t=carry.t + 1,
-            ), poses(env_state, carry.alive)  # a frame for each step the episode was still running
+            ), (poses(env_state, carry.alive), rollout)  # a frame for each step the episode was still running
 
         init = EvalCarry(
             env_state=venv.reset(k_reset, 2 * num),
@@ -1271,13 +1286,15 @@ class Trainer:
             total_return=jnp.zeros(2 * num),
             t=jnp.zeros((), jnp.int32),
         )
-        final, recorded = jax.lax.scan(step, init, jax.random.split(k_steps, venv.max_agent_steps))
+        final, (frames, rollout) = jax.lax.scan(step, init, jax.random.split(k_steps, venv.max_agent_steps))
         returns = final.total_return[:num], final.total_return[num:]
-        if not record:
+        if not (record or dump):
             return returns, None
-        start = poses(init.env_state, init.alive)
-        frames = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), start, recorded)
-        return returns, {**frames, "S": S}
+        extras = {"S": S} if not dump else {"S": S, "rollout": rollout}
+        if record:
+            start = poses(init.env_state, init.alive)
+            extras["poses"] = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), start, frames)
+        return returns, extras
 
     def glass_report(self, agent: AgentState, buffer: ReplayBuffer, key, env_step):
         """Glass at `env_step` on one buffer batch of rollout latents, as the loss sees them, whether or not the
@@ -1328,6 +1345,10 @@ def train(args: Args) -> list[Path]:
           f"run folder{'s' if len(runs.dirs) > 1 else ''} {', '.join(map(str, runs.dirs))}", flush=True)
     if args.resume is not None:
         print(f"resumed from step {loop['step']}", flush=True)
+    elif args.init_from is not None:
+        changed = ", ".join(f"{name} {c['before']} -> {c['after']}" for name, c in runs.init_from["changed"].items())
+        print(f"continued from {runs.init_from['run_dir']} at step {loop['step']:,} ({changed or 'no flag changed'})",
+              flush=True)
     step, progress, stop = loop["step"], Progress(args, loop), StopSignal()
     try:
         while True:
@@ -1344,7 +1365,7 @@ def train(args: Args) -> list[Path]:
                     for i, seed_recorded in local_seed_rows(recorded).items():
                         seed_recorded = jax.device_get(seed_recorded)
                         if videos is not None:  # None when no OpenGL backend works; the figure needs none
-                            videos.write(runs.dirs[i] / "videos", step, seed_recorded)
+                            videos.write(runs.dirs[i] / "videos", step, seed_recorded["poses"])
                         write_cluster_figure(runs.dirs[i] / "glass" / f"clusters_step{step}.png", step,
                                              seed_recorded, args)
                 runs.log_glass(step, glass_report(carry.agent, carry.buffer, k_eval, step))
@@ -1376,21 +1397,24 @@ def train(args: Args) -> list[Path]:
     return runs.dirs
 
 
-def evaluation_programs(trainer: Trainer, mesh) -> dict:
-    """record -> the jitted evaluation over seeds, (agent, eval key, step) -> (per-episode returns, poses). The key
+def evaluation_programs(trainer: Trainer, mesh, dump: bool = False) -> dict:
+    """record -> the jitted evaluation over seeds, (agent, eval key, step) -> (per-episode returns, extras). The key
     depends only on the step: evaluations are the same however often the run was resumed, and --evaluate gives them
-    again. With record, the evaluation also returns the first episode of each mode (for videos and clusters)."""
+    again. With record, the extras hold the poses of the first episodes of each mode (for videos and clusters); with
+    dump, the whole rollouts (--dump-rollouts)."""
     return {record: over_seeds(lambda agent, key, step, record=record: trainer.evaluate(
-        agent, jax.random.fold_in(key, step), record), mesh, in_axes=(0, 0, None)) for record in (False, True)}
+        agent, jax.random.fold_in(key, step), record, dump), mesh, in_axes=(0, 0, None)) for record in (False, True)}
 
 
-EVALUATION_FLAGS = ("evaluate", "evaluate_step", "eval_episodes", "capture_video", "video_height", "video_width")
+EVALUATION_FLAGS = ("evaluate", "evaluate_step", "eval_episodes", "dump_rollouts", "capture_video", "video_episodes",
+                    "video_height", "video_width")
 
 
 def evaluate_run(cli: Args) -> Path:
     """--evaluate RUN_DIR: the agent of one checkpoint, evaluated as the training loop evaluated it at that step
     (same program, same key: with the run's --eval-episodes the means are that step's eval.csv row). Writes
-    {run_dir}/evaluations/step{N}.json (and videos/ there with --capture-video) and nothing else."""
+    {run_dir}/evaluations/step{N}.json (videos/ and clusters_step{N}.png with --capture-video, rollouts_step{N}.npz
+    with --dump-rollouts) and nothing else."""
     run_dir = Path(cli.evaluate)
     config, _ = saved_config(run_dir, "--evaluate")
     default = Args()
@@ -1403,25 +1427,16 @@ def evaluate_run(cli: Args) -> Path:
     if config.impl == "warp" and changed.get("eval_episodes", config.eval_episodes) != config.eval_episodes:
         changed["naconmax"] = None  # sized again for the evaluation's env count
     # one seed, the folder's own; the saved resume/run flags do not apply to an evaluation
-    config = dataclasses.replace(config, num_seeds=1, resume=None, dry_run=False, distributed=False, track=False)
+    config = dataclasses.replace(config, num_seeds=1, resume=None, init_from=None, dry_run=False, distributed=False,
+                                 track=False)
     args, venv, _ = setup(dataclasses.replace(config, **changed))
     trainer, mesh = Trainer(args, venv), seed_mesh(1)
-    checkpoints = Checkpoints(run_dir, args.keep_checkpoints, read_only=True)
-    steps = checkpoints.manager.all_steps()
-    step = max(steps, default=None) if args.evaluate_step is None else args.evaluate_step
-    if step not in steps:
-        have = ", ".join(map(str, sorted(steps))) or "none (was it run with --checkpoint-every 0?)"
-        raise UserError(f"--evaluate {run_dir}: no checkpoint at step {step}; complete checkpoints: {have}")
     carry_shapes = jax.eval_shape(trainer.init, jax.random.key(0))
-    try:
-        stored, _ = checkpoints.restore(step, carry_shapes)
-    except Exception as e:  # noqa: BLE001 (whatever a damaged file raises)
-        raise UserError(f"--evaluate {run_dir}: checkpoint step {step} cannot be read ({first_line(e)})") from None
-    stored = jax.tree.map(lambda x: x[None], stored)
-    stored = jax.tree.map(partial(jax.make_array_from_process_local_data, seed_sharding(mesh)), stored)
-    carry = over_seeds(lambda x: jax.tree.map(from_storable, x, carry_shapes), mesh)(stored)
-    per_episode, poses = evaluation_programs(trainer, mesh)[args.capture_video](carry.agent, seed_keys(args, mesh)[0],
-                                                                               step)
+    step, stored, _ = stored_checkpoint(run_dir, args.evaluate_step, carry_shapes, "--evaluate")
+    carry = seed_carries(mesh, [stored], carry_shapes)
+    evaluate = evaluation_programs(trainer, mesh, dump=args.dump_rollouts)[args.capture_video]
+    per_episode, extras = evaluate(carry.agent, seed_keys(args, mesh)[0], step)
+    extras = None if extras is None else jax.device_get(local_seed_rows(extras)[0])
     (per_episode,) = local_seed_rows(per_episode).values()
     modes = {mode: episode_statistics(returns) for mode, returns in zip(("pi", "mppi"), per_episode, strict=True)}
     if args.arbitration_margin is not None:  # the mode that the training loop's arb column would have taken
@@ -1432,9 +1447,15 @@ def evaluate_run(cli: Args) -> Path:
               f"{args.eval_episodes} episodes)", flush=True)
     folder = run_dir / "evaluations"
     folder.mkdir(exist_ok=True)
-    if poses is not None and (videos := Videos.open(venv, args)) is not None:
-        (seed_poses,) = local_seed_rows(poses).values()
-        videos.write(folder / "videos", step, jax.device_get(seed_poses))
+    if args.capture_video:  # the videos need OpenGL, the cluster figure does not
+        if (videos := Videos.open(venv, args)) is not None:
+            videos.write(folder / "videos", step, extras["poses"])
+        write_cluster_figure(folder / f"clusters_step{step}.png", step, extras, args)
+    if args.dump_rollouts:
+        path = folder / f"rollouts_step{step}.npz"
+        write_npz(path, rollout_arrays(extras["rollout"], args.eval_episodes))
+        print(f"wrote {path}: per mode {args.eval_episodes} episodes x {venv.max_agent_steps} steps of "
+              f"{', '.join(extras['rollout'])}", flush=True)
     record = {"run_dir": str(run_dir), "step": step, "episodes": args.eval_episodes, "modes": modes,
               "metadata": run_metadata()}
     atomic_write(folder / f"step{step}.json", json.dumps(record, indent=2).encode())
@@ -1446,6 +1467,36 @@ def arbitrated_mode(means: dict, args: Args) -> str:
     """MPPI when its mean beats pi's by --arbitration-margin, else pi; chosen on the episodes it reports, so (like
     best-any) an optimistic number."""
     return "mppi" if means["mppi"] > means["pi"] + args.arbitration_margin else "pi"
+
+
+def rollout_arrays(rollout: dict, episodes: int) -> dict:
+    """--dump-rollouts: the evaluation's per-step arrays, (T, 2 * episodes, ...), as "{mode}_{name}" arrays of
+    (episodes, T, ...); `alive` marks the steps each episode was still running."""
+    halves = {"pi": slice(None, episodes), "mppi": slice(episodes, None)}
+    return {f"{mode}_{name}": np.swapaxes(x[:, half], 0, 1) for mode, half in halves.items()
+            for name, x in rollout.items()}
+
+
+def stored_checkpoint(run_dir: Path, step: Optional[int], carry_shapes, flag: str) -> tuple[int, dict, dict]:
+    """(step, stored carry, loop) of a run folder's complete checkpoint at `step` (unset = the newest), read without
+    changing anything there: a training run may still be writing that folder."""
+    step = complete_checkpoint(run_dir, step, flag)
+    try:
+        stored, loop = Checkpoints(run_dir, keep=1, read_only=True).restore(step, carry_shapes)
+    except Exception as e:  # noqa: BLE001 (whatever a damaged file raises)
+        raise UserError(f"{flag} {run_dir}: checkpoint step {step} cannot be read ({first_line(e)})") from None
+    return step, stored, loop
+
+
+def complete_checkpoint(run_dir: Path, step: Optional[int], flag: str) -> int:
+    """`step` (unset: the newest) if the run folder holds a complete checkpoint there; else one line naming those it
+    holds."""
+    steps = Checkpoints(run_dir, keep=1, read_only=True).manager.all_steps()
+    step = max(steps, default=None) if step is None else step
+    if step not in steps:
+        have = ", ".join(map(str, sorted(steps))) or "none (was it run with --checkpoint-every 0?)"
+        raise UserError(f"{flag} {run_dir}: no checkpoint at step {step}; complete checkpoints: {have}")
+    return step
 
 
 def episode_statistics(returns: np.ndarray) -> dict:
@@ -1464,8 +1515,12 @@ def setup(args: Args) -> tuple[Args, VectorEnv, Optional[list[Path]]]:
     if args.distributed:
         start_distributed()
     run_dirs = None
+    if args.resume is not None and args.init_from is not None:
+        raise UserError("--init-from starts a new run from a checkpoint, --resume continues a run: give one of them")
     if args.resume is not None:
         args, run_dirs = resume_config(args)
+    elif args.init_from is not None:
+        args = continuation_config(args)
     if args.capture_video and sys.platform == "linux":
         os.environ.setdefault("MUJOCO_GL", "egl")  # Mesa's EGL renders without a display, on CPU-only machines too
     worlds = max(args.num_envs, 2 * args.eval_episodes) * max(1, args.num_seeds // jax.device_count())
@@ -1639,14 +1694,17 @@ class SeedRuns:
             prepare_run_dir(self.dirs[i])
         self.checkpoints = {i: Checkpoints(self.dirs[i], args.keep_checkpoints, args.keep_every) for i in self.local}
         self.writers, self.eval_logs, self.tracked = {}, {}, {}
+        self.init_from = None  # a continuation's record of where it started (args.json's init_from)
 
     def start(self, init, keys, carry_shapes) -> tuple:
-        """(carry, loop counters, last returns per seed) of a new run, or of the newest step that every seed of a
-        resumed batch can restore; then opens the logs."""
-        if self.args.resume is None:
+        """(carry, loop counters, last returns per seed) of a new run, of a continuation's source checkpoint, or of
+        the newest step that every seed of a resumed batch can restore; then opens the logs."""
+        if self.args.resume is None and self.args.init_from is None:
             self.open(resume_step=None)  # jitted init: its outputs match the chunk's, nothing compiles twice
             loop = {"step": 0, "next_eval": 0, "next_checkpoint": self.args.checkpoint_every, "wall_time": 0.0}
             return init(keys), loop, {i: {} for i in self.local}
+        if self.args.resume is None:
+            return self.continue_from(carry_shapes)
         step = None
         while True:
             restored = {i: c.restore_newest(carry_shapes, at_most=step) for i, c in self.checkpoints.items()}
@@ -1660,12 +1718,22 @@ class SeedRuns:
                             "extend it")
         for c in self.checkpoints.values():
             c.delete_after(step)
-        stored = jax.tree.map(lambda *rows: np.stack(rows), *[state for state, _ in restored.values()])
-        stored = jax.tree.map(partial(jax.make_array_from_process_local_data, seed_sharding(self.mesh)), stored)
-        carry = over_seeds(lambda x: jax.tree.map(from_storable, x, carry_shapes), self.mesh)(stored)
+        carry = seed_carries(self.mesh, [state for state, _ in restored.values()], carry_shapes)
         returns = {i: seed_loop.pop("returns") for i, (_, seed_loop) in restored.items()}  # the rest is common
         self.open(resume_step=step)
         return carry, next(iter(restored.values()))[1], returns
+
+    def continue_from(self, carry_shapes) -> tuple:
+        """--init-from: the source run's checkpoint starts this new run, whose steps go on from its step."""
+        source, step = init_from_source(self.args.init_from)
+        step, stored, loop = stored_checkpoint(source, step, carry_shapes, "--init-from")
+        self.init_from = continuation_record(self.args, source, step)
+        every = self.args.checkpoint_every
+        loop.update(next_eval=next_multiple(step, self.args.eval_freq),
+                    next_checkpoint=next_multiple(step, every) if every else 0)
+        returns = {0: loop.pop("returns")}
+        self.open(resume_step=None)
+        return seed_carries(self.mesh, [stored], carry_shapes), loop, returns
 
     def open(self, resume_step: Optional[int]):
         from tensorboardX import SummaryWriter
@@ -1676,6 +1744,9 @@ class SeedRuns:
         for i in self.local:
             config = dataclasses.asdict(dataclasses.replace(self.args, seed=self.args.seed + i))
             batch = {"seed_index": i, "run_dirs": [d.name for d in self.dirs]}
+            if resume_step is not None:  # a resumed continuation keeps the record of where it started
+                self.init_from = json.loads((self.dirs[i] / "args.json").read_text()).get("init_from")
+            config["init_from"] = self.init_from
             atomic_write(self.dirs[i] / "args.json",
                          json.dumps({**config, "batch": batch, "metadata": metadata}, indent=2).encode())
             # Events past the checkpoint (written before an interruption) are hidden: the curves continue without
@@ -1922,6 +1993,57 @@ def from_storable(stored, like):
     return jnp.zeros(like.shape, like.dtype) if math.prod(like.shape) == 0 else stored
 
 
+def seed_carries(mesh, rows: list, carry_shapes):
+    """The carries of the local seeds on their devices, from their stored checkpoints (one row per seed)."""
+    stored = jax.tree.map(lambda *xs: np.stack(xs), *rows)
+    stored = jax.tree.map(partial(jax.make_array_from_process_local_data, seed_sharding(mesh)), stored)
+    return over_seeds(lambda x: jax.tree.map(from_storable, x, carry_shapes), mesh)(stored)
+
+
+# The flags that size or define the stored state: a continuation (--init-from) cannot change them.
+STATE_FLAGS = ("env_id", "seed", "num_seeds", "num_envs", "action_repeat", "impl", "naconmax", "njmax", "buffer_size",
+               "model_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "num_q", "simnorm_dim", "num_bins",
+               "horizon", "glass_num_prototypes", "glass_num_clusters", "glass_num_super_clusters")
+
+
+def continuation_config(cli: Args) -> Args:
+    """--init-from RUN_DIR[:STEP]: the source run's config, resolved as it ran, with the flags given now; those that
+    size or define the stored state are refused. The continuation trains one seed, the source folder's, from the
+    step it names (`init_from` holds it from here on, also when STEP was left to the newest checkpoint)."""
+    source, step = init_from_source(cli.init_from)
+    config, _ = saved_config(source, "--init-from")
+    step = complete_checkpoint(source, step, "--init-from")
+    config = dataclasses.replace(config, num_seeds=1, run_dir=None, resume=None, dry_run=False, distributed=False)
+    default = Args()
+    given = {f.name for f in dataclasses.fields(Args) if getattr(cli, f.name) != getattr(default, f.name)}
+    for name in sorted(given & set(STATE_FLAGS)):
+        if getattr(cli, name) != getattr(config, name):
+            raise UserError(f"--init-from: --{name.replace('_', '-')} {getattr(cli, name)} differs from the source "
+                            f"run's {getattr(config, name)}, and the checkpoint's state was made with it")
+    config = dataclasses.replace(config, **{name: getattr(cli, name) for name in given - {"init_from"}},
+                                 init_from=f"{source}:{step}")
+    if step >= config.total_steps:
+        raise UserError(f"--init-from: that checkpoint is at step {step:,}; pass a --total-steps past it")
+    return config
+
+
+def init_from_source(value: str) -> tuple[Path, Optional[int]]:
+    """RUN_DIR[:STEP] -> (folder, step or None for the newest checkpoint)."""
+    folder, _, step = value.rpartition(":")
+    return (Path(folder), int(step)) if folder and step.isdigit() else (Path(value), None)
+
+
+def continuation_record(args: Args, source: Path, step: int) -> dict:
+    """args.json's init_from: the source folder, its step, and every flag whose value differs from the source run's
+    (before/after), so that a continuation is never mistaken for a run from scratch."""
+    config, _ = saved_config(source, "--init-from")
+    bookkeeping = {"init_from", "run_dir", "resume", "dry_run", "num_seeds"}
+    changed = {f.name: {"before": getattr(config, f.name), "after": getattr(args, f.name)}
+               for f in dataclasses.fields(Args)
+               if f.name not in bookkeeping and getattr(config, f.name) != getattr(args, f.name)}
+    return {"run_dir": str(source), "step": step, "changed": changed}
+
+
 def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     """The config saved in `cli.resume`'s args.json and the run folders of its batch of seeds (any seed's folder
     restarts the whole batch). Of the flags given now, only those that cannot change the algorithm may differ."""
@@ -1953,6 +2075,8 @@ def saved_config(run_dir: Path, flag: str) -> tuple[Args, dict]:
         what = "no such folder" if not run_dir.is_dir() else "no args.json there"
         raise UserError(f"{flag} {run_dir}: {what} (expected a run folder of {script})")
     saved = json.loads((run_dir / "args.json").read_text())
+    if isinstance(saved.get("init_from"), dict):  # a continuation: the flag's value again, its record stays on disk
+        saved["init_from"] = f"{saved['init_from']['run_dir']}:{saved['init_from']['step']}"
     known = {f.name for f in dataclasses.fields(Args)}
     if saved.get("metadata", {}).get("script", script) != script or not set(saved) - {"metadata", "batch"} <= known:
         raise UserError(f"{flag} {run_dir}: that folder is a run of another script, not of {script}")
@@ -2022,16 +2146,16 @@ class Videos:
         return cls(venv.env.mj_model, renderer, fps=1 / (venv.env.dt * args.action_repeat),
                    num_clusters=args.glass_num_clusters)
 
-    def frames(self, poses: dict, mode_index: int) -> list[np.ndarray]:
+    def frames(self, poses: dict, column: int) -> list[np.ndarray]:
         frames = []
         for t in range(len(poses["alive"])):
-            if not poses["alive"][t, mode_index]:
+            if not poses["alive"][t, column]:
                 break  # the episode ended at the previous frame
             for name in RENDER_FIELDS:
-                getattr(self.data, name)[:] = poses[name][t, mode_index]
+                getattr(self.data, name)[:] = poses[name][t, column]
             self.mujoco.mj_forward(self.model, self.data)
             self.renderer.update_scene(self.data, camera=-1)
-            frames.append(self.labelled(self.renderer.render(), int(poses["cluster"][t, mode_index])))
+            frames.append(self.labelled(self.renderer.render(), int(poses["cluster"][t, column])))
         return frames
 
     def labelled(self, frame: np.ndarray, cluster: int) -> np.ndarray:
@@ -2044,13 +2168,16 @@ class Videos:
         return frame
 
     def write(self, folder: Path, step: int, poses: dict):
+        """One mp4 per recorded episode: the columns of `poses` are the pi episodes, then as many MPPI ones."""
         import mediapy
 
         folder.mkdir(exist_ok=True)
-        for mode_index, mode in enumerate(["pi", "mppi"]):
-            path = folder / f"{mode}_step{step}.mp4"
+        per_mode = poses["alive"].shape[1] // 2
+        for column in range(2 * per_mode):
+            mode, episode = ["pi", "mppi"][column // per_mode], column % per_mode
+            path = folder / (f"{mode}_step{step}.mp4" if episode == 0 else f"{mode}_step{step}_episode{episode}.mp4")
             tmp = path.with_name(f"{path.stem}.tmp.mp4")  # ffmpeg picks the format from the suffix
-            mediapy.write_video(tmp, self.frames(poses, mode_index), fps=self.fps)
+            mediapy.write_video(tmp, self.frames(poses, column), fps=self.fps)
             os.replace(tmp, path)
 
 
@@ -2092,9 +2219,11 @@ def write_cluster_figure(path: Path, step: int, recorded: dict, args: Args):
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
-    K, S, labels = args.glass_num_clusters, recorded["S"], recorded["cluster"]
+    first = [0, recorded["poses"]["alive"].shape[1] // 2]  # the first recorded episode of each mode
+    poses = {name: recorded["poses"][name][:, first] for name in ("cluster", "alive")}
+    K, S, labels = args.glass_num_clusters, recorded["S"], poses["cluster"]
     colors = cluster_colors(K)
-    lengths = [episode_frames(recorded["alive"][:, m]) for m in range(2)]
+    lengths = [episode_frames(poses["alive"][:, m]) for m in range(2)]
     counts = np.zeros((K, K))
     for m, n in enumerate(lengths):
         np.add.at(counts, (labels[: n - 1, m], labels[1:n, m]), 1)
@@ -2199,6 +2328,12 @@ def quiet_failed_checkpoint_writes():
         return report
 
     sys.excepthook, sys.unraisablehook = map(without_closed_loop_errors, (sys.excepthook, sys.unraisablehook))
+
+
+def write_npz(path: Path, arrays: dict):
+    data = io.BytesIO()
+    np.savez_compressed(data, **arrays)
+    atomic_write(path, data.getvalue())
 
 
 def first_line(error: Exception) -> str:

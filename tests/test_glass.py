@@ -440,8 +440,13 @@ def test_recorded_evaluation_returns_each_frames_cluster():
     assert nothing is None
     assert [(x.shape, x.dtype) for x in plain] == [((args.eval_episodes,), jnp.float32)] * 2  # per episode
     _, recorded = jax.eval_shape(partial(trainer.evaluate, record=True), agent, jax.random.key(1))
-    assert recorded["cluster"].shape == (51, 2) and jnp.issubdtype(recorded["cluster"].dtype, jnp.integer)
-    assert recorded["S"].shape == (16, 5) and recorded["alive"].shape == (51, 2)
+    poses = recorded["poses"]
+    assert poses["cluster"].shape == (51, 2) and jnp.issubdtype(poses["cluster"].dtype, jnp.integer)
+    assert recorded["S"].shape == (16, 5) and poses["alive"].shape == (51, 2)
+    _, dumped = jax.eval_shape(partial(trainer.evaluate, dump=True), agent, jax.random.key(1))
+    rollout, episodes = dumped["rollout"], 2 * args.eval_episodes  # 50 agent steps per episode
+    assert rollout["c"].shape == rollout["cluster"].shape == (50, episodes) and "poses" not in dumped
+    assert rollout["z"].shape == (50, episodes, 16) and jnp.issubdtype(rollout["c"].dtype, jnp.integer)
 
 
 def test_capture_video_frames_carry_their_cluster_and_the_cluster_figure_is_drawn(tmp_path):

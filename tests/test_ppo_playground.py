@@ -595,16 +595,16 @@ def test_resume_refusals_are_one_line_and_write_nothing(tiny_runs, tmp_path):
 # Videos
 # ---------------------------------------------------------------------------------------------------------------
 def test_evaluation_records_the_deterministic_episode_to_its_final_state_only_when_asked():
-    """Without `record` the evaluation's outputs are the two returns alone (the program is the one before videos;
-    its jaxpr was compared with the previous version's when the flag was added). With it, also the poses of env
-    num_eval_envs (the first deterministic episode): the reset state and one per agent step, the last one where the
-    episode ended rather than the reset state every finished env returns to otherwise."""
+    """Without `record` the evaluation's outputs are the two modes' per-episode returns alone (the program is the one
+    before videos). With it, also the poses of env num_eval_envs (the first deterministic episode): the reset state
+    and one per agent step, the last one where the episode ended rather than the reset state every finished env
+    returns to otherwise."""
     args, env = P.setup(P.Args(env_id="CartpoleBalance", impl="jax", num_envs=4, batch_size=4, num_minibatches=2,
                                num_eval_envs=3, episode_length=40, action_repeat=2, total_steps=1000))
     ts = P.init_ppo_state(args, jax.random.PRNGKey(0), env_state=None)  # the evaluation builds its own envs
     key = jax.random.PRNGKey(1)
     plain = jax.eval_shape(functools.partial(P.evaluate, env, args), ts.params, ts.normalizer, key)
-    assert [(x.shape, x.dtype) for x in plain] == [((), jnp.float32), ((), jnp.float32)]
+    assert [(x.shape, x.dtype) for x in plain] == [((3,), jnp.float32), ((3,), jnp.float32)]  # num_eval_envs
     _, poses = jax.jit(functools.partial(P.evaluate, env, args, record=True))(ts.params, ts.normalizer, key)
     assert set(poses) == {*P.RENDER_FIELDS, "alive"} and poses["qpos"].shape == (21, 2)  # 40 env steps / repeat 2
     assert poses["alive"].all()  # CartpoleBalance never terminates: the episode ends by truncation at the last step

@@ -1,5 +1,5 @@
-"""Trained agents in ppo_playground.py: --evaluate of a checkpoint and --keep-every (as tests/test_trained_agents.py
-tests them in the TD-MPC scripts)."""
+"""Trained agents in ppo_playground.py: --evaluate of a checkpoint, --keep-every and --init-from (as
+tests/test_trained_agents.py tests them in the TD-MPC scripts)."""
 
 import json
 import math
@@ -113,3 +113,55 @@ def test_keep_every_must_be_a_multiple_of_the_checkpoint_spacing():
         with pytest.raises(P.UserError) as exc:
             P.resolve_args(P.Args(**tiny, **overrides))
         assert "\n" not in str(exc.value) and needle in str(exc.value), str(exc.value)
+
+
+@pytest.fixture(scope="module")
+def solo(tmp_path_factory):
+    """A one-seed run of the same config, 2 iterations, evaluated at 0 and 20480 and checkpointed after each: a seed
+    alone on its device is trained by the program a continuation runs (a seed of a batch shares its device, and is
+    vmapped)."""
+    run_dir = tmp_path_factory.mktemp("ppo_solo") / "run"
+    flags = [*PPO_CPU, "--num-seeds", "1", "--total-steps", "20480", "--num-evals", "2", "--num-resets-per-eval", "0",
+             "--episode-length", "1000", "--checkpoint-every", "10240"]
+    run_script("ppo_playground.py", *flags, "--run-dir", str(run_dir))
+    return run_dir
+
+
+@same_worker
+def test_init_from_continues_exactly_and_records_what_changed(solo, tmp_path):
+    """--init-from RUN:10240 with nothing changed writes, in its own folder, exactly the eval rows the source wrote
+    after 10240; from the newest checkpoint with --total-steps, --num-evals and --checkpoint-every changed, args.json
+    names them with their before/after values and the steps go on from 20480. Flags the stored state cannot take
+    are refused in one line; the source folder stays untouched."""
+    before, rows = folder_state(solo), read_eval(solo)
+    out = run_script("ppo_playground.py", "--init-from", f"{solo}:10240", "--run-dir", str(tmp_path / "same")).stdout
+    assert f"continued from {solo} at step 10,240 (no flag changed)" in out
+    columns = ("step", "return", "return_deterministic")
+    assert [tuple(r[c] for c in columns) for r in read_eval(tmp_path / "same")] == [
+        tuple(r[c] for c in columns) for r in rows if int(r["step"]) > 10240]
+    saved = json.loads((tmp_path / "same" / "args.json").read_text())
+    assert saved["init_from"] == {"run_dir": str(solo), "step": 10240, "changed": {}}
+    run_script("ppo_playground.py", "--init-from", str(solo), "--total-steps", "30720", "--num-evals", "1",
+               "--checkpoint-every", "0", "--run-dir", str(tmp_path / "changed"))
+    saved = json.loads((tmp_path / "changed" / "args.json").read_text())
+    assert saved["init_from"] == {"run_dir": str(solo), "step": 20480, "changed": {
+        "total_steps": {"before": 20480, "after": 30720}, "num_evals": {"before": 2, "after": 1},
+        "checkpoint_every": {"before": 10240, "after": 0}}}
+    assert [int(r["step"]) for r in read_eval(tmp_path / "changed")] == [30720]
+    proc = run_script("ppo_playground.py", "--init-from", str(solo), "--num-envs", "8", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --init-from: --num-envs 8 differs from the source run's 64, and the checkpoint's state was made with "
+        "it"], proc.stderr
+    for overrides, needle in [
+        (dict(value_hidden_sizes=(8, 8)), "--value-hidden-sizes 8 8 differs from the source run's 64 64 64"),
+        (dict(max_grad_norm=1.0), "--max-grad-norm 1.0 differs from the source run's None"),
+        (dict(num_seeds=2), "--init-from continues one seed, the source folder's: --num-seeds must be 1"),
+        (dict(resume=str(solo)), "--init-from starts a new run from a checkpoint, --resume continues a run"),
+        (dict(init_from=f"{solo}:999"), f"--init-from {solo}: no checkpoint at step 999; complete checkpoints: "
+         "10240, 20480"),
+        (dict(impl="jax"), "that checkpoint is at step 20,480; pass a --total-steps past it"),
+    ]:
+        with pytest.raises(P.UserError) as exc:
+            P.train(P.Args(**{"init_from": str(solo), "run_dir": str(tmp_path / "refused"), **overrides}))
+        assert "\n" not in str(exc.value) and needle in str(exc.value), str(exc.value)
+    assert folder_state(solo) == before and not (tmp_path / "refused").exists()

@@ -350,7 +350,8 @@ def test_recorded_evaluation_returns_each_frames_dominant_symbols(tmp_path):
     trainer = tiny_trainer(S)
     agent = tiny_agent(trainer)
     key = jax.random.key(1)
-    _, recorded = jax.device_get(jax.jit(partial(trainer.evaluate, record=True))(agent, key))
+    _, extras = jax.device_get(jax.jit(partial(trainer.evaluate, record=True))(agent, key))
+    recorded = extras["poses"]
     # 30 agent steps (60 physics steps, action repeat 2) plus the initial state; 16 / 4 = 4 groups; pi and MPPI.
     assert recorded["symbol"].shape == (31, 2, 4) and recorded["symbol"].dtype == np.int32
     assert recorded["peak"].shape == (31, 2, 4)
@@ -365,6 +366,10 @@ def test_recorded_evaluation_returns_each_frames_dominant_symbols(tmp_path):
     S.write_symbol_picture(tmp_path / "symbols", 400, recorded, 4)
     assert [p.name for p in (tmp_path / "symbols").iterdir()] == ["symbols_step400.png"]
     assert_png(tmp_path / "symbols" / "symbols_step400.png")
+    # --dump-rollouts: the dominant symbols of every step's latent, for every evaluated episode.
+    _, dumped = jax.eval_shape(partial(trainer.evaluate, dump=True), agent, key)
+    episodes = 2 * trainer.args.eval_episodes
+    assert dumped["rollout"]["symbol"].shape == (30, episodes, 4) and dumped["rollout"]["z"].shape == (30, episodes, 16)
 
 
 def test_capture_video_writes_a_symbol_picture_per_recorded_evaluation(tmp_path):

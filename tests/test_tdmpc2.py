@@ -554,5 +554,6 @@ def test_evaluation_without_video_returns_only_the_returns():
     plain, nothing = jax.eval_shape(trainer.evaluate, agent, jax.random.key(1))
     assert nothing is None
     assert [(x.shape, x.dtype) for x in plain] == [((args.eval_episodes,), jnp.float32)] * 2  # per episode
-    _, poses = jax.eval_shape(partial(trainer.evaluate, record=True), agent, jax.random.key(1))
+    _, extras = jax.eval_shape(partial(trainer.evaluate, record=True), agent, jax.random.key(1))
+    poses = extras["poses"]
     assert poses["qpos"].shape == (51, 2, 2) and poses["alive"].shape == (51, 2)
