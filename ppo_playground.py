@@ -1094,6 +1094,17 @@ RESUME_FLAGS = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints",
                 "distributed", "track", "wandb_project_name", "wandb_entity"}
 
 
+def given_flags(cli: Args) -> set[str]:
+    """The Args fields a run was given: those named on the command line, even when set to their default value
+    (`--eval-episodes 10` for a run that evaluated 4 episodes), and those whose value differs from the default (how
+    a caller in Python gives them)."""
+    fields = {f.name for f in dataclasses.fields(Args)}
+    named = {token[2:].partition("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+    named |= {name.removeprefix("no_") for name in named}  # a boolean's --no-flag names the flag
+    default = Args()
+    return (named & fields) | {name for name in fields if getattr(cli, name) != getattr(default, name)}
+
+
 def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     """The config of the run in folder cli.resume, with the flags of RESUME_FLAGS that the command line sets, and
     the run folders of its batch. Reads only; raises UserError when the folder cannot be resumed with these flags.
@@ -1108,13 +1119,14 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     saved.pop("init_from", None)  # a continuation's record of its start (SeedRuns.open keeps it)
     other = saved.pop("metadata", {}).get("script", script)
     names, seed_index = saved.pop("batch_run_dirs", None), saved.pop("seed_index", 0)
-    defaults, fields = Args(), {f.name for f in dataclasses.fields(Args)}
+    fields = {f.name for f in dataclasses.fields(Args)}
     if other != script or set(saved) - fields:
         raise UserError(f"--resume: {run_dir} is a run folder of {other if other != script else 'another script'}, "
                         f"not of {script}")
-    for name in sorted(fields - RESUME_FLAGS):
+    given = given_flags(cli)
+    for name in sorted((fields - RESUME_FLAGS) & given):
         new, old = json.loads(json.dumps(getattr(cli, name))), saved.get(name)  # tuples as lists, as in args.json
-        if new != json.loads(json.dumps(getattr(defaults, name))) and new != old:
+        if new != old:
             new, old = (" ".join(map(str, v)) if isinstance(v, list) else v for v in (new, old))  # as typed
             raise UserError(f"--resume: --{name.replace('_', '-')} {new} differs from the run's {old}; only "
                             "--total-steps, --checkpoint-every, --keep-checkpoints may change when resuming")
@@ -1122,15 +1134,9 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     args.seed -= seed_index  # the batch's first seed
     args.save_model |= cli.save_model
     args.resume, args.dry_run, args.distributed = cli.resume, cli.dry_run, cli.distributed
-    for name in ("track", "wandb_project_name", "wandb_entity"):  # as given now, else as the run had them
-        if getattr(cli, name) != getattr(defaults, name):
+    for name in ("track", "wandb_project_name", "wandb_entity", "checkpoint_every", "keep_checkpoints", "keep_every"):
+        if name in given:  # as given now, else as the run had them
             setattr(args, name, getattr(cli, name))
-    if cli.checkpoint_every is not None:
-        args.checkpoint_every = cli.checkpoint_every
-    if cli.keep_checkpoints != defaults.keep_checkpoints:
-        args.keep_checkpoints = cli.keep_checkpoints
-    if cli.keep_every != defaults.keep_every:
-        args.keep_every = cli.keep_every
     if cli.total_steps is not None and cli.total_steps != args.total_steps:
         args.total_steps = cli.total_steps
         if args.num_evals > 1:  # whole blocks of the run's length: K and the evaluation spacing stay
@@ -1168,8 +1174,7 @@ def continuation_config(cli: Args) -> Args:
     config = saved_config(source, "--init-from")
     step = complete_checkpoint(source, step, "--init-from")
     config = dataclasses.replace(config, num_seeds=1, run_dir=None, evaluate=None, evaluate_step=None)
-    default = Args()
-    given = {f.name for f in dataclasses.fields(Args) if getattr(cli, f.name) != getattr(default, f.name)}
+    given = given_flags(cli)
     if cli.num_seeds != 1:
         raise UserError("--init-from continues one seed, the source folder's: --num-seeds must be 1")
     for name in sorted(given):
@@ -1443,8 +1448,7 @@ def evaluate_run(cli: Args) -> Path:
     {run_dir}/evaluations/step{N}.json (videos/ with --capture-video) and nothing else."""
     run_dir = Path(cli.evaluate)
     config = saved_config(run_dir, "--evaluate")
-    default = Args()
-    given = {f.name for f in dataclasses.fields(Args) if getattr(cli, f.name) != getattr(default, f.name)}
+    given = given_flags(cli)
     if refused := sorted(given - set(EVALUATION_FLAGS)):
         allowed = ", ".join(f"--{name.replace('_', '-')}" for name in EVALUATION_FLAGS[1:])
         raise UserError(f"--evaluate: --{refused[0].replace('_', '-')} is not an evaluation flag; with --evaluate "

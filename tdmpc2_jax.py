@@ -1126,8 +1126,7 @@ def evaluate_run(cli: Args) -> Path:
     and nothing else."""
     run_dir = Path(cli.evaluate)
     config, _ = saved_config(run_dir, "--evaluate")
-    default = Args()
-    given = {f.name for f in dataclasses.fields(Args) if getattr(cli, f.name) != getattr(default, f.name)}
+    given = given_flags(cli)
     if refused := sorted(given - set(EVALUATION_FLAGS)):
         allowed = ", ".join(f"--{name.replace('_', '-')}" for name in EVALUATION_FLAGS[1:])
         raise UserError(f"--evaluate: --{refused[0].replace('_', '-')} is not an evaluation flag; with --evaluate "
@@ -1698,8 +1697,7 @@ def continuation_config(cli: Args) -> Args:
     config, _ = saved_config(source, "--init-from")
     step = complete_checkpoint(source, step, "--init-from")
     config = dataclasses.replace(config, num_seeds=1, run_dir=None, resume=None, dry_run=False, distributed=False)
-    default = Args()
-    given = {f.name for f in dataclasses.fields(Args) if getattr(cli, f.name) != getattr(default, f.name)}
+    given = given_flags(cli)
     for name in sorted(given & set(STATE_FLAGS)):
         if getattr(cli, name) != getattr(config, name):
             raise UserError(f"--init-from: --{name.replace('_', '-')} {getattr(cli, name)} differs from the source "
@@ -1741,14 +1739,25 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     config = dataclasses.replace(config, seed=config.seed - batch["seed_index"])  # the batch's first seed
     may_change = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "keep_every", "save_model",
                   "dry_run", "distributed", "track", "wandb_project_name", "wandb_entity"}
-    default = Args()
-    for name in {f.name for f in dataclasses.fields(Args)} - may_change:
-        given, before = getattr(cli, name), getattr(config, name)
-        if given != getattr(default, name) and given != before:
-            raise UserError(f"--resume: --{name.replace('_', '-')} {given} differs from the run's {before}; only "
-                            "--total-steps and the checkpoint flags may change when resuming")
-    changed = {k: getattr(cli, k) for k in may_change if getattr(cli, k) != getattr(default, k)}
+    given = given_flags(cli)
+    for name in sorted(given - may_change):
+        if getattr(cli, name) != getattr(config, name):
+            raise UserError(f"--resume: --{name.replace('_', '-')} {getattr(cli, name)} differs from the run's "
+                            f"{getattr(config, name)}; only --total-steps and the checkpoint flags may change when "
+                            "resuming")
+    changed = {name: getattr(cli, name) for name in given & may_change}
     return dataclasses.replace(config, **changed), dirs
+
+
+def given_flags(cli: Args) -> set[str]:
+    """The Args fields a run was given: those named on the command line, even when set to their default value
+    (`--eval-episodes 10` for a run that evaluated 4 episodes), and those whose value differs from the default (how
+    a caller in Python gives them)."""
+    fields = {f.name for f in dataclasses.fields(Args)}
+    named = {token[2:].partition("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+    named |= {name.removeprefix("no_") for name in named}  # a boolean's --no-flag names the flag
+    default = Args()
+    return (named & fields) | {name for name in fields if getattr(cli, name) != getattr(default, name)}
 
 
 def saved_config(run_dir: Path, flag: str) -> tuple[Args, dict]:

@@ -224,7 +224,7 @@ class Args:
     dump_rollouts: bool = False
     """with --evaluate: also write per step obs, latent, action, reward, prototype, cluster to rollouts_step{N}.npz"""
     capture_video: bool = False
-    """record eval videos (pi, MPPI) with each frame's Glass cluster, and glass/clusters_step{N}.png (S, P, clusters)"""
+    """record eval videos with each frame's cluster, glass/clusters_step{N}.png (--evaluate: also prototype pictures)"""
     video_episodes: int = 1
     """with --capture-video: episodes recorded per mode (the second is {mode}_step{N}_episode1.mp4, and so on)"""
     video_every: int = 1
@@ -1235,15 +1235,19 @@ class Trainer:
         """Scan of `num_vector_steps` vector steps; per-step stats and loss means come back stacked."""
         return jax.lax.scan(self.vector_step, carry, None, length=num_vector_steps)
 
-    def evaluate(self, agent: AgentState, key, record: bool = False, dump: bool = False):
+    def evaluate(self, agent: AgentState, key, record: bool = False, dump: bool = False, gallery: bool = False):
         """Undiscounted returns of `eval_episodes` full episodes with the policy mean and with MPPI (no noise), as
         ((episodes,), (episodes,)); both sets of episodes step together as one batch of envs. Then a dict (None when
         neither is asked for: the compiled program is the training loop's plain one): with `record`, "poses" of the
         first `video_episodes` episodes of each mode, (T + 1, 2 * video_episodes) per field of RENDER_FIELDS plus
         `alive` and `cluster` (the Glass cluster of each frame's latent), for `Videos` and `write_cluster_figure`;
         with `dump`, the "rollout": per step (T, 2 * episodes) the observation, latent, action, reward, whether the
-        episode was still running, the nearest prototype `c` and its cluster; and the partition "S" the labels used."""
+        episode was still running, the nearest prototype `c` and its cluster; and the partition "S" the labels used.
+        `gallery` (only --evaluate --capture-video asks for it) is `dump` plus, per step and episode, the "cos" to
+        every prototype and the render "poses" of the state the latent was encoded from, for `write_prototype_gallery`
+        and `write_cluster_time_figure`; the training loop never traces it."""
         venv, num, shown = self.venv, self.args.eval_episodes, self.args.video_episodes
+        dump = dump or gallery
         k_reset, k_steps = jax.random.split(key)
         recorded = jnp.concatenate([jnp.arange(shown), num + jnp.arange(shown)])  # pi episodes, then MPPI ones
         glass = agent.wm_params["glass"]
@@ -1268,9 +1272,13 @@ class Trainer:
             rollout = None
             if dump:
                 z = self.model.encode(agent.wm_params, obs)
-                nearest = jnp.argmax(unit_rows(z) @ unit_rows(glass["prototypes"]).T, axis=-1)
+                cosine = unit_rows(z) @ unit_rows(glass["prototypes"]).T
+                nearest = jnp.argmax(cosine, axis=-1)
                 rollout = {"obs": obs, "z": z, "action": action, "reward": reward, "alive": carry.alive,
                            "c": nearest, "cluster": jnp.argmax(S[nearest], axis=-1)}
+                if gallery:  # the pose obs came from, so a gallery frame shows the state its latent encodes
+                    rollout["cos"] = cosine
+                    rollout["poses"] = {name: getattr(carry.env_state.data, name) for name in RENDER_FIELDS}
             return EvalCarry(
                 env_state=env_state,
                 plan_mean=plan_mean,
@@ -1397,13 +1405,15 @@ def train(args: Args) -> list[Path]:
     return runs.dirs
 
 
-def evaluation_programs(trainer: Trainer, mesh, dump: bool = False) -> dict:
+def evaluation_programs(trainer: Trainer, mesh, dump: bool = False, gallery: bool = False) -> dict:
     """record -> the jitted evaluation over seeds, (agent, eval key, step) -> (per-episode returns, extras). The key
     depends only on the step: evaluations are the same however often the run was resumed, and --evaluate gives them
     again. With record, the extras hold the poses of the first episodes of each mode (for videos and clusters); with
-    dump, the whole rollouts (--dump-rollouts)."""
+    dump, the whole rollouts (--dump-rollouts); with gallery (--evaluate --capture-video), the rollouts with every
+    episode's poses and cosines too."""
     return {record: over_seeds(lambda agent, key, step, record=record: trainer.evaluate(
-        agent, jax.random.fold_in(key, step), record, dump), mesh, in_axes=(0, 0, None)) for record in (False, True)}
+        agent, jax.random.fold_in(key, step), record, dump, gallery), mesh, in_axes=(0, 0, None))
+        for record in (False, True)}
 
 
 EVALUATION_FLAGS = ("evaluate", "evaluate_step", "eval_episodes", "dump_rollouts", "capture_video", "video_episodes",
@@ -1413,12 +1423,12 @@ EVALUATION_FLAGS = ("evaluate", "evaluate_step", "eval_episodes", "dump_rollouts
 def evaluate_run(cli: Args) -> Path:
     """--evaluate RUN_DIR: the agent of one checkpoint, evaluated as the training loop evaluated it at that step
     (same program, same key: with the run's --eval-episodes the means are that step's eval.csv row). Writes
-    {run_dir}/evaluations/step{N}.json (videos/ and clusters_step{N}.png with --capture-video, rollouts_step{N}.npz
-    with --dump-rollouts) and nothing else."""
+    {run_dir}/evaluations/step{N}.json (with --capture-video or --dump-rollouts, also its "glass" record of
+    `glass_visits`), with --capture-video videos/, clusters_step{N}.png, prototypes_step{N}.png and
+    cluster_time_step{N}.png, with --dump-rollouts rollouts_step{N}.npz, and nothing else."""
     run_dir = Path(cli.evaluate)
     config, _ = saved_config(run_dir, "--evaluate")
-    default = Args()
-    given = {f.name for f in dataclasses.fields(Args) if getattr(cli, f.name) != getattr(default, f.name)}
+    given = given_flags(cli)
     if refused := sorted(given - set(EVALUATION_FLAGS)):
         allowed = ", ".join(f"--{name.replace('_', '-')}" for name in EVALUATION_FLAGS[1:])
         raise UserError(f"--evaluate: --{refused[0].replace('_', '-')} is not an evaluation flag; with --evaluate "
@@ -1434,7 +1444,10 @@ def evaluate_run(cli: Args) -> Path:
     carry_shapes = jax.eval_shape(trainer.init, jax.random.key(0))
     step, stored, _ = stored_checkpoint(run_dir, args.evaluate_step, carry_shapes, "--evaluate")
     carry = seed_carries(mesh, [stored], carry_shapes)
-    evaluate = evaluation_programs(trainer, mesh, dump=args.dump_rollouts)[args.capture_video]
+    # --capture-video also asks for every episode's poses and cosines (the gallery): extra outputs only, the returns
+    # are computed as in the training loop's program and equal its eval.csv row (tested)
+    evaluate = evaluation_programs(trainer, mesh, dump=args.dump_rollouts, gallery=args.capture_video)
+    evaluate = evaluate[args.capture_video]
     per_episode, extras = evaluate(carry.agent, seed_keys(args, mesh)[0], step)
     extras = None if extras is None else jax.device_get(local_seed_rows(extras)[0])
     (per_episode,) = local_seed_rows(per_episode).values()
@@ -1447,17 +1460,27 @@ def evaluate_run(cli: Args) -> Path:
               f"{args.eval_episodes} episodes)", flush=True)
     folder = run_dir / "evaluations"
     folder.mkdir(exist_ok=True)
-    if args.capture_video:  # the videos need OpenGL, the cluster figure does not
+    rollout = None if extras is None else extras.get("rollout")
+    visits = None if rollout is None else glass_visits(rollout, extras["S"], args.eval_episodes)
+    if visits is not None:
+        print(f"{run_dir} step {step:,}: running frames nearest each prototype (pi and mppi): "
+              f"{' '.join(map(str, visits['prototype_wins']))}", flush=True)
+    if args.capture_video:  # the videos and the gallery need OpenGL, the other figures do not
+        title = f"{run_dir.name}, env step {step:,} (pi and mppi, {args.eval_episodes} episodes each)"
         if (videos := Videos.open(venv, args)) is not None:
             videos.write(folder / "videos", step, extras["poses"])
+            write_prototype_gallery(folder / f"prototypes_step{step}.png", title, rollout, extras["S"], videos)
         write_cluster_figure(folder / f"clusters_step{step}.png", step, extras, args)
+        write_cluster_time_figure(folder / f"cluster_time_step{step}.png", title, visits,
+                                  {mode: modes[mode]["returns"] for mode in ("pi", "mppi")})
     if args.dump_rollouts:
         path = folder / f"rollouts_step{step}.npz"
-        write_npz(path, rollout_arrays(extras["rollout"], args.eval_episodes))
+        dumped = {name: x for name, x in rollout.items() if name not in GALLERY_FIELDS}
+        write_npz(path, rollout_arrays(dumped, args.eval_episodes))
         print(f"wrote {path}: per mode {args.eval_episodes} episodes x {venv.max_agent_steps} steps of "
-              f"{', '.join(extras['rollout'])}", flush=True)
+              f"{', '.join(dumped)}", flush=True)
     record = {"run_dir": str(run_dir), "step": step, "episodes": args.eval_episodes, "modes": modes,
-              "metadata": run_metadata()}
+              **({} if visits is None else {"glass": visits}), "metadata": run_metadata()}
     atomic_write(folder / f"step{step}.json", json.dumps(record, indent=2).encode())
     print(f"wrote {folder / f'step{step}.json'}", flush=True)
     return folder / f"step{step}.json"
@@ -2014,8 +2037,7 @@ def continuation_config(cli: Args) -> Args:
     config, _ = saved_config(source, "--init-from")
     step = complete_checkpoint(source, step, "--init-from")
     config = dataclasses.replace(config, num_seeds=1, run_dir=None, resume=None, dry_run=False, distributed=False)
-    default = Args()
-    given = {f.name for f in dataclasses.fields(Args) if getattr(cli, f.name) != getattr(default, f.name)}
+    given = given_flags(cli)
     for name in sorted(given & set(STATE_FLAGS)):
         if getattr(cli, name) != getattr(config, name):
             raise UserError(f"--init-from: --{name.replace('_', '-')} {getattr(cli, name)} differs from the source "
@@ -2057,14 +2079,25 @@ def resume_config(cli: Args) -> tuple[Args, list[Path]]:
     config = dataclasses.replace(config, seed=config.seed - batch["seed_index"])  # the batch's first seed
     may_change = {"resume", "total_steps", "checkpoint_every", "keep_checkpoints", "keep_every", "save_model",
                   "dry_run", "distributed", "track", "wandb_project_name", "wandb_entity"}
-    default = Args()
-    for name in {f.name for f in dataclasses.fields(Args)} - may_change:
-        given, before = getattr(cli, name), getattr(config, name)
-        if given != getattr(default, name) and given != before:
-            raise UserError(f"--resume: --{name.replace('_', '-')} {given} differs from the run's {before}; only "
-                            "--total-steps and the checkpoint flags may change when resuming")
-    changed = {k: getattr(cli, k) for k in may_change if getattr(cli, k) != getattr(default, k)}
+    given = given_flags(cli)
+    for name in sorted(given - may_change):
+        if getattr(cli, name) != getattr(config, name):
+            raise UserError(f"--resume: --{name.replace('_', '-')} {getattr(cli, name)} differs from the run's "
+                            f"{getattr(config, name)}; only --total-steps and the checkpoint flags may change when "
+                            "resuming")
+    changed = {name: getattr(cli, name) for name in given & may_change}
     return dataclasses.replace(config, **changed), dirs
+
+
+def given_flags(cli: Args) -> set[str]:
+    """The Args fields a run was given: those named on the command line, even when set to their default value
+    (`--eval-episodes 10` for a run that evaluated 4 episodes), and those whose value differs from the default (how
+    a caller in Python gives them)."""
+    fields = {f.name for f in dataclasses.fields(Args)}
+    named = {token[2:].partition("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+    named |= {name.removeprefix("no_") for name in named}  # a boolean's --no-flag names the flag
+    default = Args()
+    return (named & fields) | {name for name in fields if getattr(cli, name) != getattr(default, name)}
 
 
 def saved_config(run_dir: Path, flag: str) -> tuple[Args, dict]:
@@ -2136,7 +2169,8 @@ class Videos:
             renderer = mujoco.Renderer(venv.env.mj_model, height=args.video_height, width=args.video_width)
         except Exception as e:  # noqa: BLE001 (a missing GL library raises anything from ImportError to RuntimeError)
             print(f"warning: --capture-video: no OpenGL backend works (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
-                  f"{first_line(e)}); training goes on without video (the cluster figures are still drawn)", flush=True)
+                  f"{first_line(e)}); going on without videos or prototype gallery (the cluster figures are still "
+                  "drawn)", flush=True)
             return None
         import imageio_ffmpeg
         import mediapy
@@ -2151,12 +2185,17 @@ class Videos:
         for t in range(len(poses["alive"])):
             if not poses["alive"][t, column]:
                 break  # the episode ended at the previous frame
-            for name in RENDER_FIELDS:
-                getattr(self.data, name)[:] = poses[name][t, column]
-            self.mujoco.mj_forward(self.model, self.data)
-            self.renderer.update_scene(self.data, camera=-1)
-            frames.append(self.labelled(self.renderer.render(), int(poses["cluster"][t, column])))
+            pose = {name: poses[name][t, column] for name in RENDER_FIELDS}
+            frames.append(self.labelled(self.render(pose), int(poses["cluster"][t, column])))
         return frames
+
+    def render(self, pose: dict) -> np.ndarray:
+        """(height, width, 3) uint8: one state, drawn from its RENDER_FIELDS values."""
+        for name in RENDER_FIELDS:
+            getattr(self.data, name)[:] = pose[name]
+        self.mujoco.mj_forward(self.model, self.data)
+        self.renderer.update_scene(self.data, camera=-1)
+        return self.renderer.render()
 
     def labelled(self, frame: np.ndarray, cluster: int) -> np.ndarray:
         height, width = frame.shape[:2]
@@ -2274,6 +2313,113 @@ def write_cluster_figure(path: Path, step: int, recorded: dict, args: Args):
     data = io.BytesIO()
     fig.savefig(data, format="png", dpi=80)
     path.parent.mkdir(exist_ok=True)
+    atomic_write(path, data.getvalue())
+
+
+GALLERY_FRAMES = 4  # frames per prototype in the gallery
+GALLERY_FIELDS = ("cos", "poses")  # what the gallery adds to the evaluation's rollout; not dumped (same npz keys)
+
+
+def glass_visits(rollout: dict, S: np.ndarray, episodes: int) -> dict:
+    """step{N}.json's "glass": over the running steps of all evaluated episodes (pi, then mppi), each prototype's
+    cluster (argmax of its S row) and its "wins" (the steps whose latent has it as nearest prototype, dumped `c`);
+    per mode and episode the running steps and the fraction of them in each cluster (dumped `cluster`)."""
+    alive, (num_prototypes, num_clusters) = rollout["alive"], S.shape
+    record = {"prototype_cluster": S.argmax(axis=1).tolist(),
+              "prototype_wins": np.bincount(rollout["c"][alive], minlength=num_prototypes).tolist(),
+              "running_steps": {}, "cluster_time": {}}
+    for mode, columns in [("pi", range(episodes)), ("mppi", range(episodes, 2 * episodes))]:
+        running = [alive[:, e] for e in columns]  # alive[0] is all True: no episode has zero running steps
+        record["running_steps"][mode] = [int(r.sum()) for r in running]
+        record["cluster_time"][mode] = [
+            (np.bincount(rollout["cluster"][r, e], minlength=num_clusters) / r.sum()).tolist()
+            for e, r in zip(columns, running, strict=True)]
+    return record
+
+
+def gallery_picks(cos: np.ndarray, alive: np.ndarray, k: int) -> np.ndarray:
+    """(N, k, 2): (step, episode column) of the k running steps whose latents are most cosine-similar to each of the
+    N prototypes, best first (ties: the earlier step, then column), from cos (T, episodes, N) and alive (T, episodes).
+    Every prototype gets its k, whether or not it is the nearest prototype of any of them."""
+    steps, columns, num_prototypes = cos.shape
+    scores = np.where(alive[..., None], cos, -np.inf).reshape(steps * columns, num_prototypes)
+    best = np.argsort(-scores, axis=0, kind="stable")[: min(k, int(alive.sum()))]  # (k, N) flat indices
+    return np.stack(np.unravel_index(best.T, (steps, columns)), axis=-1)
+
+
+def write_prototype_gallery(path: Path, title: str, rollout: dict, S: np.ndarray, videos: "Videos",
+                            k: int = GALLERY_FRAMES):
+    """evaluations/prototypes_step{N}.png: a row per prototype with the k running frames (of every evaluated
+    episode, both modes) whose latents are closest to it by cosine, drawn from their poses with the videos' band of
+    the frame's own cluster; each frame names its mode, episode, step and cosine, each row the prototype, its
+    cluster and its wins (frames it is the nearest prototype of)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cos, alive, clusters = rollout["cos"], rollout["alive"], rollout["cluster"]
+    episodes, (num_prototypes, num_clusters) = alive.shape[1] // 2, S.shape
+    picks, colors = gallery_picks(cos, alive, k), cluster_colors(num_clusters)
+    wins = np.bincount(rollout["c"][alive], minlength=num_prototypes)
+    frame_height, frame_width = videos.renderer.height, videos.renderer.width
+    # inches: a label column, then k frames of cell_w each with a one-line title above
+    label_w, cell_w, pad, title_h, top = 1.5, 1.9, 0.08, 0.22, 0.75
+    cell_h = cell_w * frame_height / frame_width
+    width, height = label_w + k * (cell_w + pad), top + num_prototypes * (cell_h + title_h) + 0.1
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    fig.suptitle(f"{title}: prototype gallery\nrow n: the {k} running frames whose latent is closest to prototype n "
+                 "by cosine (band: the frame's own cluster)", fontsize=10, y=1 - 0.1 / height, va="top")
+    for n in range(num_prototypes):
+        row_top = height - top - n * (cell_h + title_h)
+        cluster = int(S[n].argmax())
+        fig.text((label_w - 0.15) / width, (row_top - title_h - cell_h / 2) / height,
+                 f"prototype {n}\ncluster {cluster}\nwon {wins[n]}", ha="right", va="center", fontsize=9,
+                 fontweight="bold", color=colors[cluster])
+        for j, (t, column) in enumerate(picks[n]):
+            ax = fig.add_axes(((label_w + j * (cell_w + pad)) / width, (row_top - title_h - cell_h) / height,
+                               cell_w / width, cell_h / height))
+            pose = {name: rollout["poses"][name][t, column] for name in RENDER_FIELDS}
+            ax.imshow(videos.labelled(videos.render(pose), int(clusters[t, column])))
+            ax.set_axis_off()
+            mode, episode = ("pi", "mppi")[column // episodes], column % episodes
+            ax.set_title(f"{mode} ep {episode} t {t}  cos {cos[t, column, n]:.3f}", fontsize=7, pad=2)
+    data = io.BytesIO()
+    fig.savefig(data, format="png", dpi=80)
+    atomic_write(path, data.getvalue())
+
+
+def write_cluster_time_figure(path: Path, title: str, visits: dict, returns: dict):
+    """evaluations/cluster_time_step{N}.png: a panel per cluster k, each evaluated episode's return against the
+    fraction of its running steps spent in k (from `glass_visits`); pi and mppi in their own markers."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fractions = {mode: np.array(visits["cluster_time"][mode]) for mode in returns}  # (episodes, K)
+    num_clusters = fractions["pi"].shape[1]
+    colors, columns = cluster_colors(num_clusters), min(num_clusters, 4)
+    rows = -(-num_clusters // columns)
+    fig = Figure(figsize=(max(2.6 * columns + 0.6, 7.0), 2.2 * rows + 1.3), layout="constrained")  # room for the title
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
+    for k, ax in enumerate(axes):
+        if k >= num_clusters:
+            ax.set_axis_off()
+            continue
+        ax.scatter(fractions["pi"][:, k], returns["pi"], s=36, marker="o", color=colors[k], edgecolor="black",
+                   linewidth=0.6, label="pi", zorder=3)
+        ax.scatter(fractions["mppi"][:, k], returns["mppi"], s=40, marker="^", facecolor="none", edgecolor="black",
+                   linewidth=1.0, label="mppi", zorder=3)
+        ax.set_title(f"cluster {k}", color=colors[k], fontweight="bold", fontsize=10)
+        ax.set_xlim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        for spine in ax.spines.values():
+            spine.set(color=colors[k], linewidth=1.5)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.supxlabel("fraction of the episode's running steps in cluster k")
+    fig.supylabel("episode return")
+    fig.suptitle(f"{title}\nepisode return against the time spent in each cluster (one marker per episode)")
+    data = io.BytesIO()
+    fig.savefig(data, format="png", dpi=80)
     atomic_write(path, data.getvalue())
 
 

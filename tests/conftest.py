@@ -60,12 +60,17 @@ LEARN_TDMPC2 = [
 ]
 
 
+# One persistent compilation cache for the whole suite, in-process tests (set before anything imports jax) and script
+# runs alike: a program that several tests build (the repeated runs of one config in the determinism and resume tests,
+# the same tiny trainer in several in-process tests) compiles once.
+COMPILATION_CACHE = Path(tempfile.gettempdir()) / f"tdmpc2_mjx_test_cache_{os.getuid()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILATION_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
 def script_env() -> dict:
-    """The environment the scripts run in: CPU, unbuffered, and a compilation cache shared by the test runs
-    (repeated runs of one config, as in the determinism and resume tests, compile once)."""
-    cache = Path(tempfile.gettempdir()) / f"tdmpc2_mjx_test_cache_{os.getuid()}"
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    """The environment the scripts run in: CPU, unbuffered, and the suite's compilation cache."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 
 def run_script(script: str, *args: str, timeout: float = 600, check: bool = True,
@@ -226,6 +231,15 @@ def tdmpc2_tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("tdmpc2") / "CartpoleBalance__tiny__1"
     run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--seed", "1", "--exp-name", "tiny", "--run-dir", str(run_dir))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tdmpc2_two_device_batch(tmp_path_factory) -> tuple[str, Path]:
+    """(stdout, base run dir) of one tiny `tdmpc2_jax.py` run of 2 seeds, one per device on two CPU devices: folders
+    base__1 and base__2. The tests that use it share an xdist group, so it runs once."""
+    base = tmp_path_factory.mktemp("two_devices") / "whole"
+    proc = run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--num-seeds", "2", "--run-dir", str(base), env=TWO_DEVICES)
+    return proc.stdout, base
 
 
 def unused_args_fields(script: str) -> list[str]:

@@ -25,6 +25,7 @@ from conftest import (
     run_script,
     unused_args_fields,
 )
+from PIL import Image
 
 import tdmpc2_jax as T
 import tdmpc_glass_jax as G
@@ -452,11 +453,14 @@ def test_recorded_evaluation_returns_each_frames_cluster():
 def test_capture_video_frames_carry_their_cluster_and_the_cluster_figure_is_drawn(tmp_path):
     """K = 3 clusters, Glass on from env step 200, evaluations at 0 (Glass off by the schedule: labels from the
     initial prototypes and S) and 400 (Glass on). Every frame's band is in the colour of a cluster in [0, K) (read
-    back from the mp4: the colours are far apart, the codec moves them little) and the figure is a PNG."""
+    back from the mp4: the colours are far apart, the codec moves them little) and the figure is a PNG. Then
+    --evaluate of the step-400 checkpoint with --capture-video --dump-rollouts gives eval.csv's means (arb too), and
+    its "glass" record (prototype wins, time per cluster), labels and returns are those of the dumped rollout; the
+    gallery and the cluster-time PNGs have the size of 16 prototype rows and of 3 cluster panels."""
     run_dir = tmp_path / "video"
     run_script("tdmpc_glass_jax.py", *TINY_TDMPC2, "--total-steps", "400", "--glass-warmup-steps", "200",
                "--glass-num-clusters", "3", "--capture-video", "--video-height", "48", "--video-width", "64",
-               "--run-dir", str(run_dir))
+               "--arbitration-margin", "5", "--run-dir", str(run_dir))
     assert sorted(p.name for p in (run_dir / "videos").iterdir()) == [
         "mppi_step0.mp4", "mppi_step400.mp4", "pi_step0.mp4", "pi_step400.mp4"]
     colors = G.cluster_colors(3) * 255
@@ -469,6 +473,59 @@ def test_capture_video_frames_carry_their_cluster_and_the_cluster_figure_is_draw
     for step in (0, 400):
         assert_png(run_dir / "glass" / f"clusters_step{step}.png")
     assert not list((run_dir / "glass").glob("*.tmp"))
+
+    # --evaluate of the step-400 checkpoint with the gallery and the dump: its numbers against the dumped rollout
+    out = run_script("tdmpc_glass_jax.py", "--evaluate", str(run_dir), "--capture-video", "--dump-rollouts",
+                     "--video-height", "48", "--video-width", "64").stdout
+    folder = run_dir / "evaluations"
+    record, row = json.loads((folder / "step400.json").read_text()), read_eval(run_dir)[-1]
+    assert row["step"] == "400"
+    assert list(record["modes"]) == ["pi", "mppi", "arb"]
+    for mode in record["modes"]:  # the gallery's program gives the training loop's returns, arb chosen as there
+        assert f"{record['modes'][mode]['mean']:.6g}" == row[f"return_{mode}"], mode
+    with np.load(folder / "rollouts_step400.npz") as f:
+        dump = dict(f)
+    with np.load(run_dir / "glass" / "P_S_step400.npz") as f:
+        S = f["S"]  # the checkpoint's partition: the evaluation at 400 is of the agent checkpointed at 400
+    assert not [name for name in dump if name.endswith(G.GALLERY_FIELDS)]  # the npz keeps its keys
+    glass, modes = record["glass"], ("pi", "mppi")
+    alive = {mode: dump[f"{mode}_alive"] for mode in modes}  # (2 episodes, 50 steps)
+    nearest = np.concatenate([dump[f"{mode}_c"][alive[mode]] for mode in modes])
+    assert glass["prototype_wins"] == np.bincount(nearest, minlength=16).tolist()
+    assert f"(pi and mppi): {' '.join(map(str, glass['prototype_wins']))}" in out
+    assert glass["prototype_cluster"] == S.argmax(axis=1).tolist()
+    for mode in modes:
+        np.testing.assert_array_equal(dump[f"{mode}_cluster"], S.argmax(axis=1)[dump[f"{mode}_c"]])
+        assert glass["running_steps"][mode] == alive[mode].sum(axis=1).tolist()
+        fractions = np.array(glass["cluster_time"][mode])
+        np.testing.assert_allclose(fractions.sum(axis=1), 1.0)
+        for e in range(2):
+            labels = dump[f"{mode}_cluster"][e][alive[mode][e]]
+            np.testing.assert_allclose(fractions[e], np.bincount(labels, minlength=3) / len(labels))
+        np.testing.assert_allclose((dump[f"{mode}_reward"] * alive[mode]).sum(axis=1),
+                                   record["modes"][mode]["returns"], rtol=1e-5)
+    # 16 prototype rows of 4 frames; 3 cluster panels in one row
+    for name, (widths, heights) in [("prototypes", ((700, 800), (2000, 2300))),
+                                    ("cluster_time", ((600, 750), (250, 320)))]:
+        assert_png(folder / f"{name}_step400.png")
+        with Image.open(folder / f"{name}_step400.png") as image:
+            (width, height), ((w0, w1), (h0, h1)) = image.size, (widths, heights)
+            assert w0 <= width <= w1 and h0 <= height <= h1, (name, image.size)
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_gallery_picks_the_closest_running_frames_of_every_prototype():
+    """k = 2 frames per prototype among the running steps only (a finished step never shows, however close), best
+    first, ties to the earlier step; a prototype that is nobody's nearest still gets its k."""
+    cos = np.zeros((3, 2, 3))  # (steps, episode columns, prototypes)
+    cos[:, :, 0] = [[0.9, 0.1], [0.8, 0.99], [0.7, 0.95]]  # the 0.95 is past the end of episode column 1
+    cos[:, :, 1] = 0.05  # all tied, never anyone's nearest: the earliest running steps
+    cos[:, :, 2] = [[0.2, 0.3], [0.1, 0.4], [0.0, 0.0]]
+    alive = np.array([[True, True], [True, True], [True, False]])
+    picks = G.gallery_picks(cos, alive, k=2)
+    assert picks.shape == (3, 2, 2)
+    assert picks.tolist() == [[[1, 1], [0, 0]], [[0, 0], [0, 1]], [[1, 1], [0, 1]]]
+    assert G.gallery_picks(cos, alive, k=9).shape == (3, 5, 2)  # at most the 5 running steps
 
 
 # --- resume ---

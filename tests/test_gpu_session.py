@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,8 +22,8 @@ spec.loader.exec_module(S)
 
 def run(*args: str, timeout: float = 900, cache: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    if cache:  # the suite's shared compilation cache (tests/conftest.py): a repeated run compiles nothing
-        env["JAX_COMPILATION_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"tdmpc2_mjx_test_cache_{os.getuid()}")
+    if not cache:  # without the suite's shared compilation cache (tests/conftest.py sets it)
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -303,18 +303,19 @@ def test_off_is_tdmpc2_bit_for_bit(tdmpc2_tiny_run, tmp_path):
     assert all(0 <= value <= math.log(8) + 1e-6 for _, value in entropy)
 
 
-def test_seed_batch_on_two_devices_is_tdmpc2s_and_logs_module_entropy_per_seed(tmp_path):
+@pytest.mark.xdist_group("two_device_batch")  # with test_tdmpc2's test of the same batch: its run is made once
+def test_seed_batch_on_two_devices_is_tdmpc2s_and_logs_module_entropy_per_seed(tdmpc2_two_device_batch, tmp_path):
     """--num-seeds 2 over two devices: with the regularisers off every seed's eval.csv is tdmpc2_jax.py's batch's;
     with SE on, each seed's TensorBoard gets its own se/module_entropy, computed inside the seed-batched program."""
+    _, tdmpc2 = tdmpc2_two_device_batch
     flags = [*TINY_TDMPC2, "--num-seeds", "2", "--checkpoint-every", "0"]
-    run_script("tdmpc2_jax.py", *flags, "--run-dir", str(tmp_path / "tdmpc2"), env=TWO_DEVICES)
     run_script("se_ib_tdmpc2.py", *flags, "--run-dir", str(tmp_path / "off"), env=TWO_DEVICES)
     run_script("se_ib_tdmpc2.py", *flags, "--se-coef", "0.01", "--total-steps", "400", "--run-dir",
                str(tmp_path / "se"), env=TWO_DEVICES)
     strip = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
     entropies = []
     for seed in (1, 2):
-        assert strip(read_eval(tmp_path / f"off__{seed}")) == strip(read_eval(tmp_path / f"tdmpc2__{seed}"))
+        assert strip(read_eval(tmp_path / f"off__{seed}")) == strip(read_eval(tdmpc2.with_name(f"whole__{seed}")))
         scalars = read_tb_scalars(tmp_path / f"se__{seed}")
         assert [step for step, _ in scalars["se/module_entropy"]] == [400]  # after the first chunk
         assert all(0 <= value <= math.log(8) + 1e-6 for _, value in scalars["se/module_entropy"])
@@ -372,7 +373,10 @@ def test_recorded_evaluation_returns_each_frames_dominant_symbols(tmp_path):
     assert dumped["rollout"]["symbol"].shape == (30, episodes, 4) and dumped["rollout"]["z"].shape == (30, episodes, 16)
 
 
-def test_capture_video_writes_a_symbol_picture_per_recorded_evaluation(tmp_path):
+def test_capture_video_writes_a_symbol_picture_per_recorded_evaluation_and_a_checkpoint_continues(tmp_path):
+    """Training with --capture-video draws the symbol pictures; then, on that run: --evaluate --dump-rollouts gives
+    the step's eval.csv means again and dumps each step's dominant symbols (the argmax within each SimNorm group of the
+    dumped latent); --init-from its first checkpoint, nothing changed, writes the source's later eval rows."""
     run_dir = tmp_path / "video"
     run_script("se_ib_tdmpc2.py", *TINY_TDMPC2, "--se-coef", "0.01", "--run-dir", str(run_dir), "--capture-video",
                "--video-every", "2", "--video-height", "48", "--video-width", "64")
@@ -381,6 +385,25 @@ def test_capture_video_writes_a_symbol_picture_per_recorded_evaluation(tmp_path)
     assert pictures == ["symbols_step0.png", "symbols_step800.png"]
     for name in pictures:
         assert_png(run_dir / "symbols" / name)
+
+    run_script("se_ib_tdmpc2.py", "--evaluate", str(run_dir), "--dump-rollouts")
+    record = json.loads((run_dir / "evaluations" / "step800.json").read_text())
+    final = read_eval(run_dir)[-1]
+    with np.load(run_dir / "evaluations" / "rollouts_step800.npz") as dump:
+        for mode in ["pi", "mppi"]:
+            assert f"{record['modes'][mode]['mean']:.6g}" == final[f"return_{mode}"], mode
+            z, symbol, alive = dump[f"{mode}_z"], dump[f"{mode}_symbol"], dump[f"{mode}_alive"]
+            assert z.shape == (2, 50, 16) and symbol.shape == (2, 50, 2)  # 16 = 2 SimNorm groups of 8
+            np.testing.assert_array_equal(symbol, z.reshape(2, 50, 2, 8).argmax(-1))
+            np.testing.assert_allclose((dump[f"{mode}_reward"] * alive).sum(1), record["modes"][mode]["returns"],
+                                       rtol=1e-5)
+
+    continued = tmp_path / "continued"
+    run_script("se_ib_tdmpc2.py", "--init-from", f"{run_dir}:400", "--run-dir", str(continued))
+    returns = lambda rows: [(r["step"], r["return_pi"], r["return_mppi"]) for r in rows]
+    assert returns(read_eval(continued)) == returns(read_eval(run_dir)[2:])  # the row at 800
+    assert json.loads((continued / "args.json").read_text())["init_from"] == {
+        "run_dir": str(run_dir), "step": 400, "changed": {}}
 
 
 # --- resume ---

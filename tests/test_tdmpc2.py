@@ -7,7 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -446,12 +446,18 @@ def test_learns_cartpole_balance(tmp_path):
 
 
 # --- seeds as a batch axis ---
+@lru_cache(maxsize=1)
+def seed_trainer() -> T.Trainer:
+    """The tiny trainer of the seed-batch tests, built once: its jitted programs then compile once per process."""
+    venv = T.VectorEnv(T.load_env("CartpoleBalance", "jax", episode_length=100), action_repeat=2)
+    args = T.resolve_args(T.Args(env_id="CartpoleBalance", num_envs=2, k_update=2, seed_steps=80, **TINY_NETS), venv)
+    return T.Trainer(args, venv)
+
+
 def seed_batch_chunk(seeds: list[int], mesh=None):
     """The carry after seeding (20 vector steps), the pretraining burst and 4 training vector steps, for `seeds`
     trained as one batch over `mesh` (default: this process's first device)."""
-    venv = T.VectorEnv(T.load_env("CartpoleBalance", "jax", episode_length=100), action_repeat=2)
-    args = T.resolve_args(T.Args(env_id="CartpoleBalance", num_envs=2, k_update=2, seed_steps=80, **TINY_NETS), venv)
-    trainer = T.Trainer(args, venv)
+    trainer = seed_trainer()
     mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()[:1]), ("seed",))
     key_data = [jax.random.key_data(jax.random.split(jax.random.key(s))) for s in seeds]
     keys = jax.random.wrap_key_data(T.seed_sharded(mesh, np.stack(key_data)))
@@ -460,21 +466,27 @@ def seed_batch_chunk(seeds: list[int], mesh=None):
     return jax.tree.map(lambda x: np.asarray(T.to_storable(x)), carry)
 
 
+@lru_cache(maxsize=1)
+def solo_programs():
+    """The unbatched init and chunk (a single run's programs before --num-seeds existed), jitted once for all seeds."""
+    trainer = seed_trainer()
+    return jax.jit(trainer.init), jax.jit(partial(trainer.chunk, num_vector_steps=24))
+
+
 def solo_chunk(seed: int):
-    """The same without any seed axis: the unbatched program a single run compiled before --num-seeds existed."""
-    venv = T.VectorEnv(T.load_env("CartpoleBalance", "jax", episode_length=100), action_repeat=2)
-    args = T.resolve_args(T.Args(env_id="CartpoleBalance", num_envs=2, k_update=2, seed_steps=80, **TINY_NETS), venv)
-    trainer = T.Trainer(args, venv)
-    carry = jax.jit(trainer.init)(jax.random.split(jax.random.key(seed))[1])
-    carry, _ = jax.jit(partial(trainer.chunk, num_vector_steps=24))(carry)
+    """The same without any seed axis."""
+    init, chunk = solo_programs()
+    carry, _ = chunk(init(jax.random.split(jax.random.key(seed))[1]))
     return jax.tree.map(lambda x: np.asarray(T.to_storable(x)), carry)
 
 
+@pytest.mark.xdist_group("seed_programs")  # one worker compiles the solo programs once for both
 def test_one_seed_batch_is_the_unbatched_program():
     batch, solo = seed_batch_chunk([3]), solo_chunk(3)
     jax.tree.map(lambda b, s: np.testing.assert_array_equal(b[0], s), batch, solo)
 
 
+@pytest.mark.xdist_group("seed_programs")
 def test_batch_of_two_seeds_is_each_solo_run_up_to_rounding():
     """XLA's batched kernels round differently from the unbatched ones: the seeding phase (env steps, buffer) is
     exact; after 25 rounds of updates the parameters agree to float32 rounding."""
@@ -509,21 +521,21 @@ def test_two_devices_reproduce_the_one_device_batch_up_to_rounding():
                    check=True, timeout=600)
 
 
-def test_seed_batch_on_two_devices_writes_solo_folders_and_resumes(tmp_path):
+@pytest.mark.xdist_group("two_device_batch")
+def test_seed_batch_on_two_devices_writes_solo_folders_and_resumes(tdmpc2_two_device_batch, tmp_path):
     """--num-seeds 2 over two devices: one run folder per seed with its own seed in args.json; one --resume from
     either folder continues both, exactly as the uninterrupted batch; an odd count is refused in one line."""
+    stdout, whole = tdmpc2_two_device_batch
+    assert "2 seeds, 1 per device on 2 devices" in stdout
     flags = [*TINY_TDMPC2, "--num-seeds", "2"]
-    whole = run_script("tdmpc2_jax.py", *flags, "--total-steps", "1600", "--run-dir", str(tmp_path / "whole"),
-                       env=TWO_DEVICES).stdout
-    assert "2 seeds, 1 per device on 2 devices" in whole
-    run_script("tdmpc2_jax.py", *flags, "--run-dir", str(tmp_path / "halves"), env=TWO_DEVICES)
-    run_script("tdmpc2_jax.py", "--resume", str(tmp_path / "halves__2"), "--total-steps", "1600", env=TWO_DEVICES)
+    run_script("tdmpc2_jax.py", *flags, "--total-steps", "400", "--run-dir", str(tmp_path / "halves"), env=TWO_DEVICES)
+    run_script("tdmpc2_jax.py", "--resume", str(tmp_path / "halves__2"), "--total-steps", "800", env=TWO_DEVICES)
     strip = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
     for seed in (1, 2):
-        config = json.loads((tmp_path / f"whole__{seed}" / "args.json").read_text())
+        config = json.loads((whole.with_name(f"whole__{seed}") / "args.json").read_text())
         assert (config["seed"], config["num_seeds"], config["batch"]["seed_index"]) == (seed, 2, seed - 1)
-        assert strip(read_eval(tmp_path / f"halves__{seed}")) == strip(read_eval(tmp_path / f"whole__{seed}"))
-    assert read_eval(tmp_path / "whole__1") != read_eval(tmp_path / "whole__2")
+        assert strip(read_eval(tmp_path / f"halves__{seed}")) == strip(read_eval(whole.with_name(f"whole__{seed}")))
+    assert read_eval(whole.with_name("whole__1")) != read_eval(whole.with_name("whole__2"))
     proc = run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--num-seeds", "3", check=False, env=TWO_DEVICES)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --num-seeds 3 is not a multiple of the 2 devices; the nearest that is: 4")

@@ -1,4 +1,4 @@
-"""Trained agents: --evaluate of a checkpoint and --keep-every, in the three TD-MPC scripts."""
+"""Trained agents: --evaluate of a checkpoint, --keep-every and --init-from."""
 
 import json
 import math
@@ -8,14 +8,9 @@ import pytest
 from conftest import TINY_TDMPC2, read_eval, run_script
 from scipy import stats
 
-# Glass with its extra on (its prototypes are restored) and its arb mode. se_ib_tdmpc2.py's --evaluate is the same
-# harness code, copied literally (its only variant line is the docstring), and is left out for CI time.
-VARIANTS = [
-    ("tdmpc2_jax.py", []),
-    ("tdmpc_glass_jax.py", ["--glass-warmup-steps", "200", "--arbitration-margin", "5"]),
-]
-
-
+# On tdmpc2_jax.py's runs. Glass's --evaluate (the same copied harness, with its prototypes restored) is checked
+# against its eval.csv in tests/test_glass.py, on the run its video test makes; se_ib_tdmpc2.py's (the same copied code)
+# is left out for CI time.
 same_worker = pytest.mark.xdist_group("trained_agents")  # each source run is made once, on one worker
 
 
@@ -27,30 +22,24 @@ def folder_state(run_dir):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """script -> its tiny run to 1200 env steps, made at first use: checkpoints every 400 env steps, the newest one
-    kept plus the multiples of 800, so that 800 and 1200 stay."""
-    runs = {}
-
-    def run(script):
-        if script not in runs:
-            runs[script] = tmp_path_factory.mktemp(script[:-3]) / "run"
-            run_script(script, *TINY_TDMPC2, *dict(VARIANTS)[script], "--total-steps", "1200", "--keep-checkpoints",
-                       "1", "--keep-every", "800", "--run-dir", str(runs[script]))
-        return runs[script]
-    return run
+    """A tiny tdmpc2_jax.py run to 1200 env steps: checkpoints every 400 env steps, the newest one kept plus the
+    multiples of 800, so that 800 and 1200 stay."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--total-steps", "1200", "--keep-checkpoints", "1", "--keep-every",
+               "800", "--run-dir", str(run_dir))
+    return run_dir
 
 
 @same_worker
-@pytest.mark.parametrize("script, flags", VARIANTS, ids=[s for s, _ in VARIANTS])
-def test_evaluate_gives_the_eval_rows_again_and_changes_nothing(script, flags, trained):
+def test_evaluate_gives_the_eval_rows_again_and_changes_nothing(trained):
     """--evaluate of the kept checkpoints, with the run's 2 episodes, gives that step's eval.csv means exactly (same
     program, same key), with their sample std and Student-t interval; the training files are untouched."""
-    run_dir = trained(script)
+    run_dir = trained
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [800, 1200]
     before, rows = folder_state(run_dir), {int(row["step"]): row for row in read_eval(run_dir)}
-    modes = ["pi", "mppi", "arb"] if "--arbitration-margin" in flags else ["pi", "mppi"]
+    modes = ["pi", "mppi"]
     for step, step_flags in [(800, ["--evaluate-step", "800"]), (1200, [])]:  # unset: the newest
-        out = run_script(script, "--evaluate", str(run_dir), *step_flags).stdout
+        out = run_script("tdmpc2_jax.py", "--evaluate", str(run_dir), *step_flags).stdout
         record = json.loads((run_dir / "evaluations" / f"step{step}.json").read_text())
         assert (record["step"], record["episodes"], list(record["modes"])) == (step, 2, modes)
         for mode in modes:
@@ -69,7 +58,7 @@ def test_evaluate_dumps_rollouts_and_videos_and_refuses_training_flags(trained):
     """5 episodes per mode with --dump-rollouts and 2 videos per mode: the dumped rewards of the running steps add up
     to the recorded returns, each SimNorm group of a dumped latent is a distribution, an episode runs from its first
     step; the training files stay untouched and a training flag is refused in one line."""
-    run_dir = trained("tdmpc2_jax.py")
+    run_dir = trained
     before = folder_state(run_dir)
     out = run_script("tdmpc2_jax.py", "--evaluate", str(run_dir), "--eval-episodes", "5", "--dump-rollouts",
                      "--capture-video", "--video-episodes", "2", "--video-height", "48", "--video-width", "64").stdout
@@ -100,7 +89,7 @@ def test_init_from_continues_exactly_and_records_what_changed(trained, tmp_path)
     """--init-from RUN:800 with nothing changed writes, in its own folder, exactly the eval rows the source wrote
     after 800; from the newest checkpoint with --k-update and --total-steps changed, args.json names both with their
     before/after values and the steps go on from 1200. Flags the stored state cannot take are refused in one line."""
-    source = trained("tdmpc2_jax.py")
+    source = trained
     before, rows = folder_state(source), read_eval(source)
     out = run_script("tdmpc2_jax.py", "--init-from", f"{source}:800", "--run-dir", str(tmp_path / "same")).stdout
     assert f"continued from {source} at step 800 (no flag changed)" in out
