@@ -1469,7 +1469,8 @@ def evaluate_run(cli: Args) -> Path:
         title = f"{run_dir.name}, env step {step:,} (pi and mppi, {args.eval_episodes} episodes each)"
         if (videos := Videos.open(venv, args)) is not None:
             videos.write(folder / "videos", step, extras["poses"])
-            write_prototype_gallery(folder / f"prototypes_step{step}.png", title, rollout, extras["S"], videos)
+            write_prototype_gallery(folder / f"prototypes_step{step}.png", title, rollout, extras["S"],
+                                    visits["prototype_wins"], videos)
         write_cluster_figure(folder / f"clusters_step{step}.png", step, extras, args)
         write_cluster_time_figure(folder / f"cluster_time_step{step}.png", title, visits,
                                   {mode: modes[mode]["returns"] for mode in ("pi", "mppi")})
@@ -2347,19 +2348,18 @@ def gallery_picks(cos: np.ndarray, alive: np.ndarray, k: int) -> np.ndarray:
     return np.stack(np.unravel_index(best.T, (steps, columns)), axis=-1)
 
 
-def write_prototype_gallery(path: Path, title: str, rollout: dict, S: np.ndarray, videos: "Videos",
+def write_prototype_gallery(path: Path, title: str, rollout: dict, S: np.ndarray, wins: list[int], videos: "Videos",
                             k: int = GALLERY_FRAMES):
     """evaluations/prototypes_step{N}.png: a row per prototype with the k running frames (of every evaluated
     episode, both modes) whose latents are closest to it by cosine, drawn from their poses with the videos' band of
     the frame's own cluster; each frame names its mode, episode, step and cosine, each row the prototype, its
-    cluster and its wins (frames it is the nearest prototype of)."""
+    cluster and its wins (frames it is the nearest prototype of, from `glass_visits`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     cos, alive, clusters = rollout["cos"], rollout["alive"], rollout["cluster"]
     episodes, (num_prototypes, num_clusters) = alive.shape[1] // 2, S.shape
     picks, colors = gallery_picks(cos, alive, k), cluster_colors(num_clusters)
-    wins = np.bincount(rollout["c"][alive], minlength=num_prototypes)
     frame_height, frame_width = videos.renderer.height, videos.renderer.width
     # inches: a label column, then k frames of cell_w each with a one-line title above
     label_w, cell_w, pad, title_h, top = 1.5, 1.9, 0.08, 0.22, 0.75
