@@ -393,6 +393,33 @@ def discount_heuristic(episode_length: int) -> float:
     return float(min(max((frac - 1) / frac, 0.95), 0.995))
 
 
+# Glass's own refusals, checked in resolve_args together with TD-MPC2's.
+GLASS_POSITIVE = ["glass_proto_temperature", "glass_assign_temperature", "glass_num_prototypes", "glass_num_clusters",
+                  "glass_every_k_updates"]
+GLASS_NONNEGATIVE = ["glass_lambda_se", "glass_lambda_balance", "glass_lambda_temporal", "glass_lambda_temp_stability",
+                     "glass_lambda_super_se", "glass_lambda_super_balance", "glass_assign_init_scale",
+                     "glass_warmup_steps", "glass_off_step", "latent_smooth_coef", "latent_smooth_start_step",
+                     "arbitration_margin"]
+
+
+def glass_checks(args: Args) -> list[tuple[bool, str]]:
+    """(holds, the line that refuses it) for each rule between Glass's flags."""
+    return [
+        (args.glass_num_clusters <= args.glass_num_prototypes,
+         f"--glass-num-clusters ({args.glass_num_clusters}) must not exceed --glass-num-prototypes "
+         f"({args.glass_num_prototypes})"),
+        (args.glass_off_step in (None, 0) or args.glass_off_step > args.glass_warmup_steps,
+         f"--glass-off-step ({args.glass_off_step}) must be above --glass-warmup-steps ({args.glass_warmup_steps}), "
+         "or 0 to switch Glass off"),
+        (args.glass_num_super_clusters is None or 2 <= args.glass_num_super_clusters <= args.glass_num_clusters,
+         f"--glass-num-super-clusters must be between 2 and --glass-num-clusters ({args.glass_num_clusters}), "
+         f"got {args.glass_num_super_clusters}"),
+        (args.glass_num_super_clusters is not None
+         or args.glass_lambda_super_se == args.glass_lambda_super_balance == 0,
+         "--glass-lambda-super-se and --glass-lambda-super-balance need --glass-num-super-clusters"),
+    ]
+
+
 def resolve_args(args: Args, venv) -> Args:
     """Fill every unset field from the model size and the env (`venv`: impl, episode_length, action_dim,
     max_agent_steps) and refuse impossible settings, before anything is compiled."""
@@ -427,18 +454,12 @@ def resolve_args(args: Args, venv) -> Args:
                 "batch_size", "horizon", "num_samples", "num_elites", "lr", "grad_clip_norm", "temperature", "max_std",
                 "min_std", "episode_length", "seed_steps", "iterations", "discount", "keep_checkpoints", "video_every",
                 "video_episodes", "video_height", "video_width"]
-    positive += ["glass_proto_temperature", "glass_assign_temperature", "glass_num_prototypes", "glass_num_clusters",
-                 "glass_every_k_updates"]
-    for name in positive:
+    for name in positive + GLASS_POSITIVE:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    glass_nonnegative = ["glass_lambda_se", "glass_lambda_balance", "glass_lambda_temporal",
-                         "glass_lambda_temp_stability", "glass_lambda_super_se", "glass_lambda_super_balance",
-                         "glass_assign_init_scale", "glass_warmup_steps", "glass_off_step", "latent_smooth_coef",
-                         "latent_smooth_start_step", "arbitration_margin"]
     nonnegative = ["pretrain_updates", "num_pi_trajs", "collect_noise", "entropy_coef", "dropout", "checkpoint_every",
                    "keep_every"]
-    for name in nonnegative + glass_nonnegative:
+    for name in nonnegative + GLASS_NONNEGATIVE:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     checks = [
@@ -468,20 +489,8 @@ def resolve_args(args: Args, venv) -> Args:
         (seed_vector_steps >= args.horizon,
          f"--seed-steps ({seed_steps}) must cover at least horizon={args.horizon} vector steps "
          f"({args.horizon * env_steps_per_vector_step} env steps) so that the first batch has whole sequences"),
-        (args.glass_num_clusters <= args.glass_num_prototypes,
-         f"--glass-num-clusters ({args.glass_num_clusters}) must not exceed --glass-num-prototypes "
-         f"({args.glass_num_prototypes})"),
-        (args.glass_off_step in (None, 0) or args.glass_off_step > args.glass_warmup_steps,
-         f"--glass-off-step ({args.glass_off_step}) must be above --glass-warmup-steps ({args.glass_warmup_steps}), "
-         "or 0 to switch Glass off"),
-        (args.glass_num_super_clusters is None or 2 <= args.glass_num_super_clusters <= args.glass_num_clusters,
-         f"--glass-num-super-clusters must be between 2 and --glass-num-clusters ({args.glass_num_clusters}), "
-         f"got {args.glass_num_super_clusters}"),
-        (args.glass_num_super_clusters is not None
-         or args.glass_lambda_super_se == args.glass_lambda_super_balance == 0,
-         "--glass-lambda-super-se and --glass-lambda-super-balance need --glass-num-super-clusters"),
     ]
-    for ok, message in checks:
+    for ok, message in checks + glass_checks(args):
         if not ok:
             raise UserError(message)
     return args
