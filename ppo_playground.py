@@ -24,6 +24,7 @@ Formulas, implementation details with their Brax sources, logged metrics and mea
 import dataclasses
 import errno
 import functools
+import io
 import json
 import logging
 import math
@@ -153,10 +154,14 @@ class Args:
     """run folder whose checkpoint is evaluated as training evaluated it, to {run_dir}/evaluations/step{N}.json"""
     evaluate_step: Optional[int] = None
     """with --evaluate: the checkpoint's env step (unset = the newest complete one)"""
+    dump_rollouts: bool = False
+    """with --evaluate: also write each step's observation, action and reward to rollouts_step{N}.npz"""
     dry_run: bool = False
     """print the resolved config as one JSON object and exit, writing nothing"""
     capture_video: bool = False
     """record the first deterministic eval episode to videos/deterministic_step{N}.mp4 in the run folder"""
+    video_episodes: int = 1
+    """with --capture-video: episodes recorded per mode (--evaluate records both modes; training the deterministic)"""
     video_every: int = 1
     """with --capture-video: record every this many evaluations"""
     video_height: int = 240
@@ -246,7 +251,7 @@ def resolve_args(args: Args) -> Args:
 
     positive = ["num_seeds", "total_steps", "num_envs", "episode_length", "action_repeat", "unroll_length",
                 "batch_size", "num_minibatches", "num_updates_per_batch", "num_evals", "num_eval_envs", "video_every",
-                "video_height", "video_width"]
+                "video_episodes", "video_height", "video_width"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -254,6 +259,11 @@ def resolve_args(args: Args) -> Args:
         raise UserError("need --checkpoint-every >= 0 and --keep-checkpoints >= 1")
     if args.evaluate_step is not None and args.evaluate is None:
         raise UserError("--evaluate-step needs --evaluate RUN_DIR")
+    if args.dump_rollouts and args.evaluate is None:
+        raise UserError("--dump-rollouts needs --evaluate RUN_DIR")
+    if args.video_episodes > args.num_eval_envs:
+        raise UserError(f"--video-episodes ({args.video_episodes}) must not exceed --num-eval-envs "
+                        f"({args.num_eval_envs})")
     if args.num_resets_per_eval < 0:
         raise UserError(f"--num-resets-per-eval must be >= 0, got {args.num_resets_per_eval}")
     if args.learning_rate <= 0 or not 0 < args.discounting <= 1 or not 0 <= args.gae_lambda <= 1:
@@ -713,22 +723,26 @@ class EvalCarry:
 RENDER_FIELDS = ("qpos", "qvel", "mocap_pos", "mocap_quat", "xfrc_applied")  # what MuJoCo needs to draw a state
 
 
-def evaluate(env, args: Args, params, normalizer, key, record: bool = False):
+def evaluate(env, args: Args, params, normalizer, key, record: bool = False, dump: bool = False):
     """Undiscounted returns of num_eval_envs full episodes, (num_eval_envs,) per mode: (stochastic policy,
     deterministic tanh(loc)); their means (taken on the host) are eval.csv's.
 
     Both modes run in one batch of 2 x num_eval_envs envs (the first half samples, the second takes the mode). With
-    `record`, also the poses of the first deterministic episode, (T + 1,) per field of RENDER_FIELDS plus `alive`,
-    for `Videos` to draw afterwards (without `record` the compiled program is the one without video)."""
+    `record` or `dump` the returns come with a dict (without either the compiled program is the one without video):
+    with `record`, "poses" of the first `video_episodes` episodes of each mode, (T + 1, 2 * video_episodes) per field
+    of RENDER_FIELDS plus `alive`, for `Videos` to draw afterwards; with `dump`, the "rollout": per step
+    (T, 2 * num_eval_envs) the observation, action, reward and whether the episode was still running."""
     n = args.num_eval_envs
     deterministic = jnp.arange(2 * n) >= n
     policy = policy_net(args)
     k_reset, k_act = jax.random.split(key)
+    recorded = np.concatenate([np.arange(args.video_episodes), n + np.arange(args.video_episodes)])  # by mode
 
-    def poses(env_state: EnvState, active):  # env n runs the first deterministic episode
+    def poses(env_state: EnvState, active):  # None without record: nothing extra is traced
         if not record:
             return None
-        return {**{name: getattr(env_state.inner.data, name)[n] for name in RENDER_FIELDS}, "alive": active[n] > 0}
+        fields = {name: getattr(env_state.inner.data, name)[recorded] for name in RENDER_FIELDS}
+        return {**fields, "alive": active[recorded] > 0}
 
     def step(carry: EvalCarry, k):
         obs = normalize(normalizer, carry.env_state.inner.obs)
@@ -738,17 +752,22 @@ def evaluate(env, args: Args, params, normalizer, key, record: bool = False):
         # Returns count each episode until its first done, so what a finished env does next never matters: a
         # recorded evaluation lets it run on, and its last frame shows where the episode ended, not the reset state.
         env_state, out = env_step(env, args, carry.env_state, action, reset_done=not record)
+        rollout = None if not dump else {"obs": carry.env_state.inner.obs, "action": action, "reward": out.reward,
+                                         "alive": carry.active > 0}
         return EvalCarry(env_state, carry.episode_return + out.reward * carry.active,
-                         carry.active * (1.0 - out.done)), poses(env_state, carry.active)  # a frame per step it ran
+                         carry.active * (1.0 - out.done)), (poses(env_state, carry.active), rollout)
 
     init = EvalCarry(env_reset(env, k_reset, 2 * n), jnp.zeros(2 * n), jnp.ones(2 * n))
     num_steps = args.episode_length // args.action_repeat
-    final, recorded = jax.lax.scan(step, init, jax.random.split(k_act, num_steps))
+    final, (frames, rollout) = jax.lax.scan(step, init, jax.random.split(k_act, num_steps))
     returns = final.episode_return[:n], final.episode_return[n:]
-    if not record:
+    if not (record or dump):
         return returns
-    start = poses(init.env_state, init.active)
-    return returns, jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), start, recorded)
+    extras = {} if not dump else {"rollout": rollout}
+    if record:  # a frame for the reset state and one for each step the episode was still running
+        start = poses(init.env_state, init.active)
+        extras["poses"] = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), start, frames)
+    return returns, extras
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -790,12 +809,12 @@ def train(args: Args) -> list[Path]:
     def run_eval(step: int, iteration: int):
         record = videos is not None and args.eval_steps.index(step) % args.video_every == 0
         returns = evaluate_fn[record](ts.params, ts.normalizer, carry["k_eval"], iteration)
-        returns, poses = returns if record else (returns, None)
+        returns, extras = returns if record else (returns, None)
         means = {i: tuple(float(np.mean(r)) for r in modes) for i, modes in local_seed_rows(returns).items()}
         runs.log_eval(step, progress.wall_time(), means)
-        if poses is not None:  # drawn here, outside the jitted programs
-            for i, seed_poses in local_seed_rows(poses).items():
-                videos.write(runs.dirs[i] / "videos", step, seed_poses)
+        if extras is not None:  # drawn here, outside the jitted programs
+            for i, seed_poses in local_seed_rows(extras["poses"]).items():
+                videos.write(runs.dirs[i] / "videos", step, seed_poses, modes=("deterministic",))
 
     first, progress, stop, stopped = loop["iteration"] + 1, Progress(args, loop), StopSignal(), False
     try:
@@ -834,14 +853,13 @@ def train(args: Args) -> list[Path]:
     return runs.dirs
 
 
-def evaluation_programs(env, args: Args, mesh) -> dict:
+def evaluation_programs(env, args: Args, mesh, dump: bool = False) -> dict:
     """record -> the jitted evaluation over seeds, (params, normalizer, eval key, iteration) -> per-episode returns
-    (and with record the poses of the first deterministic episode, for videos). The key depends only on the
-    iteration: evaluations are the same however often the run was resumed, and --evaluate gives them again. Each
-    compiles at its first call."""
+    (and with record or dump the extras of `evaluate`). The key depends only on the iteration: evaluations are the
+    same however often the run was resumed, and --evaluate gives them again. Each compiles at its first call."""
     return {record: over_seeds(lambda params, normalizer, key, iteration, record=record: evaluate(
-        env, args, params, normalizer, jax.random.fold_in(key, iteration), record), mesh, in_axes=(0, 0, 0, None))
-        for record in (False, True)}
+        env, args, params, normalizer, jax.random.fold_in(key, iteration), record, dump), mesh,
+        in_axes=(0, 0, 0, None)) for record in (False, True)}
 
 
 def run_summary(args: Args, mesh) -> str:
@@ -1010,26 +1028,33 @@ class Videos:
             mediapy.set_ffmpeg(imageio_ffmpeg.get_ffmpeg_exe())  # the ffmpeg binary that comes with the package
         return cls(env.mj_model, renderer, fps=1 / (env.dt * args.action_repeat))  # env.dt: one env step
 
-    def frames(self, poses: dict) -> list[np.ndarray]:
+    def frames(self, poses: dict, column: int) -> list[np.ndarray]:
         frames = []
         for t in range(len(poses["alive"])):
-            if not poses["alive"][t]:
+            if not poses["alive"][t, column]:
                 break  # the episode ended at the previous frame
             for name in RENDER_FIELDS:
-                getattr(self.data, name)[:] = poses[name][t]
+                getattr(self.data, name)[:] = poses[name][t, column]
             self.mujoco.mj_forward(self.model, self.data)
             self.renderer.update_scene(self.data, camera=-1)
             frames.append(self.renderer.render())
         return frames
 
-    def write(self, folder: Path, step: int, poses: dict):
+    def write(self, folder: Path, step: int, poses: dict, modes=("stochastic", "deterministic")):
+        """One mp4 per recorded episode of `modes`: the columns of `poses` are the stochastic episodes, then as many
+        deterministic ones."""
         import mediapy
 
         folder.mkdir(exist_ok=True)
-        path = folder / f"deterministic_step{step}.mp4"
-        tmp = path.with_name(f"{path.stem}.tmp.mp4")  # ffmpeg picks the format from the suffix
-        mediapy.write_video(tmp, self.frames(poses), fps=self.fps)
-        os.replace(tmp, path)
+        per_mode = poses["alive"].shape[1] // 2
+        for column in range(2 * per_mode):
+            mode, episode = ["stochastic", "deterministic"][column // per_mode], column % per_mode
+            if mode not in modes:
+                continue
+            path = folder / (f"{mode}_step{step}.mp4" if episode == 0 else f"{mode}_step{step}_episode{episode}.mp4")
+            tmp = path.with_name(f"{path.stem}.tmp.mp4")  # ffmpeg picks the format from the suffix
+            mediapy.write_video(tmp, self.frames(poses, column), fps=self.fps)
+            os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1439,13 +1464,15 @@ def without_empty_arrays(tree):
 # ---------------------------------------------------------------------------------------------------------------
 # Trained agents: --evaluate RUN_DIR [--evaluate-step N], a checkpoint's policy evaluated as training evaluated it
 # ---------------------------------------------------------------------------------------------------------------
-EVALUATION_FLAGS = ("evaluate", "evaluate_step", "num_eval_envs", "capture_video", "video_height", "video_width")
+EVALUATION_FLAGS = ("evaluate", "evaluate_step", "num_eval_envs", "dump_rollouts", "capture_video", "video_episodes",
+                    "video_height", "video_width")
 
 
 def evaluate_run(cli: Args) -> Path:
     """--evaluate RUN_DIR: the policy of one checkpoint, evaluated as the training loop evaluated it at that step
     (same program, same key: with the run's --num-eval-envs the means are that step's eval.csv row). Writes
-    {run_dir}/evaluations/step{N}.json (videos/ with --capture-video) and nothing else."""
+    {run_dir}/evaluations/step{N}.json (videos/ with --capture-video, rollouts_step{N}.npz with --dump-rollouts)
+    and nothing else."""
     run_dir = Path(cli.evaluate)
     config = saved_config(run_dir, "--evaluate")
     given = given_flags(cli)
@@ -1469,8 +1496,10 @@ def evaluate_run(cli: Args) -> Path:
     mesh = seed_mesh(copies)
     params, normalizer, k_eval = (jax.tree.map(lambda x: seed_sharded(mesh, np.stack([x] * copies)), tree)
                                   for tree in (stored["ts"].params, stored["ts"].normalizer, stored["k_eval"]))
-    out = evaluation_programs(env, args, mesh)[args.capture_video](params, normalizer, k_eval, loop["iteration"])
-    returns, poses = out if args.capture_video else (out, None)
+    evaluate_fn = evaluation_programs(env, args, mesh, dump=args.dump_rollouts)[args.capture_video]
+    out = evaluate_fn(params, normalizer, k_eval, loop["iteration"])
+    returns, extras = out if args.capture_video or args.dump_rollouts else (out, None)
+    extras = None if extras is None else jax.device_get(local_seed_rows(extras)[0])
     per_episode = local_seed_rows(returns)[0]
     modes = {mode: episode_statistics(r) for mode, r in zip(("stochastic", "deterministic"), per_episode, strict=True)}
     for mode, stats in modes.items():
@@ -1479,13 +1508,26 @@ def evaluate_run(cli: Args) -> Path:
               f"{args.num_eval_envs} episodes)", flush=True)
     folder = run_dir / "evaluations"
     folder.mkdir(exist_ok=True)
-    if poses is not None and (videos := Videos.open(env, args)) is not None:
-        videos.write(folder / "videos", step, local_seed_rows(poses)[0])
+    if args.capture_video and (videos := Videos.open(env, args)) is not None:
+        videos.write(folder / "videos", step, extras["poses"])
+    if args.dump_rollouts:
+        path = folder / f"rollouts_step{step}.npz"
+        write_npz(path, rollout_arrays(extras["rollout"], args.num_eval_envs))
+        print(f"wrote {path}: per mode {args.num_eval_envs} episodes x {len(extras['rollout']['reward'])} steps of "
+              f"{', '.join(extras['rollout'])}", flush=True)
     record = {"run_dir": str(run_dir), "step": step, "episodes": args.num_eval_envs, "modes": modes,
               "metadata": run_metadata()}
     atomic_write(folder / f"step{step}.json", json.dumps(record, indent=2).encode())
     print(f"wrote {folder / f'step{step}.json'}", flush=True)
     return folder / f"step{step}.json"
+
+
+def rollout_arrays(rollout: dict, episodes: int) -> dict:
+    """--dump-rollouts: the evaluation's per-step arrays, (T, 2 * episodes, ...), as "{mode}_{name}" arrays of
+    (episodes, T, ...); `alive` marks the steps each episode was still running."""
+    halves = {"stochastic": slice(None, episodes), "deterministic": slice(episodes, None)}
+    return {f"{mode}_{name}": np.swapaxes(x[:, half], 0, 1) for mode, half in halves.items()
+            for name, x in rollout.items()}
 
 
 def saved_config(run_dir: Path, flag: str) -> Args:
@@ -1633,6 +1675,12 @@ def first_line(error: Exception) -> str:
     """An exception as one short line, for one-line warnings and errors."""
     text = str(error).strip()
     return text.splitlines()[0][:150] if text else type(error).__name__
+
+
+def write_npz(path: Path, arrays: dict):
+    data = io.BytesIO()
+    np.savez_compressed(data, **arrays)
+    atomic_write(path, data.getvalue())
 
 
 def atomic_write(path: Path, data: bytes) -> None:

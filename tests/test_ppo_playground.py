@@ -594,24 +594,33 @@ def test_resume_refusals_are_one_line_and_write_nothing(tiny_runs, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Videos
 # ---------------------------------------------------------------------------------------------------------------
-def test_evaluation_records_the_deterministic_episode_to_its_final_state_only_when_asked():
+def test_evaluation_records_the_first_episode_of_each_mode_to_its_final_state_only_when_asked():
     """Without `record` the evaluation's outputs are the two modes' per-episode returns alone (the program is the one
-    before videos). With it, also the poses of env num_eval_envs (the first deterministic episode): the reset state
-    and one per agent step, the last one where the episode ended rather than the reset state every finished env
-    returns to otherwise."""
+    before videos). With it, also the poses of envs 0 and num_eval_envs (the first stochastic and the first
+    deterministic episode): the reset state and one per agent step, the last one where the episode ended rather than
+    the reset state every finished env returns to otherwise. With `dump`, each step's observation, action, reward and
+    running mask, whose masked rewards add up to the returns."""
     args, env = P.setup(P.Args(env_id="CartpoleBalance", impl="jax", num_envs=4, batch_size=4, num_minibatches=2,
                                num_eval_envs=3, episode_length=40, action_repeat=2, total_steps=1000))
     ts = P.init_ppo_state(args, jax.random.PRNGKey(0), env_state=None)  # the evaluation builds its own envs
     key = jax.random.PRNGKey(1)
     plain = jax.eval_shape(functools.partial(P.evaluate, env, args), ts.params, ts.normalizer, key)
     assert [(x.shape, x.dtype) for x in plain] == [((3,), jnp.float32), ((3,), jnp.float32)]  # num_eval_envs
-    _, poses = jax.jit(functools.partial(P.evaluate, env, args, record=True))(ts.params, ts.normalizer, key)
-    assert set(poses) == {*P.RENDER_FIELDS, "alive"} and poses["qpos"].shape == (21, 2)  # 40 env steps / repeat 2
+    _, extras = jax.jit(functools.partial(P.evaluate, env, args, record=True))(ts.params, ts.normalizer, key)
+    poses = extras["poses"]  # 40 env steps / repeat 2 = 20 agent steps; one column per mode; cartpole's 2 joints
+    assert set(poses) == {*P.RENDER_FIELDS, "alive"} and poses["qpos"].shape == (21, 2, 2)
     assert poses["alive"].all()  # CartpoleBalance never terminates: the episode ends by truncation at the last step
     # The evaluation resets 2 x 3 envs with the first half of its key; env 3 is the first deterministic one.
     reset_qpos = jax.jit(lambda k: jax.vmap(env.reset)(jax.random.split(k, 6)).data.qpos)(jax.random.split(key)[0])
-    np.testing.assert_array_equal(poses["qpos"][0], reset_qpos[3])
+    np.testing.assert_array_equal(poses["qpos"][0], reset_qpos[np.array([0, 3])])
     assert not np.allclose(poses["qpos"][-1], poses["qpos"][0])
+    returns, extras = jax.jit(functools.partial(P.evaluate, env, args, dump=True))(ts.params, ts.normalizer, key)
+    rollout = extras["rollout"]
+    assert {k: v.shape for k, v in rollout.items()} == {"obs": (20, 6, 5), "action": (20, 6, 1), "reward": (20, 6),
+                                                         "alive": (20, 6)}
+    reset_obs = jax.jit(lambda k: jax.vmap(env.reset)(jax.random.split(k, 6)).obs)(jax.random.split(key)[0])
+    np.testing.assert_allclose(rollout["obs"][0], reset_obs, atol=1e-6)  # XLA fuses the two programs differently
+    np.testing.assert_allclose((rollout["reward"] * rollout["alive"]).sum(0), np.concatenate(returns), rtol=1e-5)
 
 
 @same_worker

@@ -66,22 +66,35 @@ def test_evaluate_gives_the_eval_rows_again_and_changes_nothing(trained):
 
 
 @same_worker
-def test_evaluate_video_refusals_and_keep_every_on_resume(trained):
-    """With --capture-video the evaluated deterministic episode goes to evaluations/videos/ (the reset state and
-    1000 agent steps); training flags and missing steps are refused in one line; --keep-every may be given on
+def test_evaluate_video_rollouts_refusals_and_keep_every_on_resume(trained):
+    """With --capture-video --video-episodes 2 the first two episodes of each mode go to evaluations/videos/ (the
+    reset state and 1000 agent steps each); --dump-rollouts writes every step, whose masked rewards add up to the
+    recorded returns; training flags and missing steps are refused in one line; --keep-every may be given on
     --resume. The training files stay untouched."""
     run_dir = trained[0]
     before = folder_state(run_dir)
     out = run_script("ppo_playground.py", "--evaluate", str(run_dir), "--evaluate-step", "20480", "--capture-video",
-                     "--video-height", "48", "--video-width", "64").stdout
+                     "--video-episodes", "2", "--dump-rollouts", "--video-height", "48", "--video-width", "64").stdout
     check_record(run_dir, 20480, out)
-    assert [p.name for p in (run_dir / "evaluations" / "videos").iterdir()] == ["deterministic_step20480.mp4"]
-    _, frames = read_video(run_dir / "evaluations" / "videos" / "deterministic_step20480.mp4")
-    assert frames.shape == (1001, 48, 64, 3)
+    videos = run_dir / "evaluations" / "videos"
+    assert sorted(p.name for p in videos.iterdir()) == [f"{mode}_step20480{episode}.mp4" for mode in
+                                                       ("deterministic", "stochastic") for episode in ("", "_episode1")]
+    for path in videos.iterdir():
+        assert read_video(path)[1].shape == (1001, 48, 64, 3)
+    rollouts = np.load(run_dir / "evaluations" / "rollouts_step20480.npz")
+    record = json.loads((run_dir / "evaluations" / "step20480.json").read_text())
+    assert sorted(rollouts) == sorted(f"{mode}_{name}" for mode in ("stochastic", "deterministic")
+                                      for name in ("obs", "action", "reward", "alive"))
+    for mode in ("stochastic", "deterministic"):
+        assert rollouts[f"{mode}_obs"].shape == (16, 1000, 5) and rollouts[f"{mode}_action"].shape == (16, 1000, 1)
+        masked = (rollouts[f"{mode}_reward"] * rollouts[f"{mode}_alive"]).sum(1)
+        np.testing.assert_allclose(masked, record["modes"][mode]["returns"], rtol=1e-5)
     for bad, needle in [
         (["--evaluate", str(run_dir), "--num-envs", "8"], "--evaluate: --num-envs is not an evaluation flag; with "
-         "--evaluate only --evaluate-step, --num-eval-envs, --capture-video, --video-height, --video-width may be "
-         "given"),
+         "--evaluate only --evaluate-step, --num-eval-envs, --dump-rollouts, --capture-video, --video-episodes, "
+         "--video-height, --video-width may be given"),
+        ([*FLAGS, "--dump-rollouts", "--dry-run"], "--dump-rollouts needs --evaluate RUN_DIR"),
+        ([*FLAGS, "--video-episodes", "17", "--dry-run"], "--video-episodes (17) must not exceed --num-eval-envs (16)"),
         (["--evaluate", str(run_dir), "--evaluate-step", "10240"], f"--evaluate {run_dir}: no checkpoint at step "
          "10240; complete checkpoints: 20480, 30720"),
         (["--evaluate", str(run_dir / "nope")], f"--evaluate {run_dir / 'nope'}: no such folder (expected a run "
