@@ -69,12 +69,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILATION_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 
-def pytest_collection_modifyitems(items):
-    """The slow runs first (a stable sort, so each file keeps its order): pytest-xdist then fills the workers' last
-    minutes with short tests, instead of one worker running the last long runs while the other waits."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def script_env() -> dict:
     """The environment the scripts run in: CPU, unbuffered, and the suite's compilation cache."""
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")

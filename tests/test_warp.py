@@ -13,11 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 def with_env(flags: list[str], env_id: str, impl: str = "warp") -> list[str]:
-    """`flags` with their --env-id and --impl replaced, and one eval episode per mode: on warp's CPU device every env
-    step counts, and the evaluations would otherwise step more envs than training does."""
+    """`flags` with their --env-id and --impl replaced."""
     out = list(flags)
     out[out.index("--env-id") + 1], out[out.index("--impl") + 1] = env_id, impl
-    out[out.index("--eval-episodes") + 1] = "1"
     return out
 
 
@@ -26,7 +24,7 @@ SHORT = ["--total-steps", "600", "--eval-freq", "200"]  # 4 evaluations; the env
 # PPO at the smallest batch that still resets envs (100-step episodes) and evaluates twice; two seeds per device,
 # so the seed axis is vmapped over warp's batch of envs.
 PPO_WARP = ["--impl", "warp", "--num-envs", "8", "--batch-size", "8", "--num-minibatches", "4", "--unroll-length", "10",
-            "--num-updates-per-batch", "2", "--num-eval-envs", "2", "--num-seeds", "2", "--total-steps", "640",
+            "--num-updates-per-batch", "2", "--num-eval-envs", "4", "--num-seeds", "2", "--total-steps", "640",
             "--num-evals", "2", "--episode-length", "100"]
 
 
