@@ -2,14 +2,20 @@
 several tests."""
 
 import ast
+import contextlib
 import csv
+import io
+import logging
 import os
 import re
+import runpy
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -69,23 +75,56 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILATION_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 
+# In-process runs (below) as the scripts' own processes: on the CPU, and video with the OpenGL backend the scripts pick
+# (before anything imports mujoco, which reads it once).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+
 def script_env() -> dict:
     """The environment the scripts run in: CPU, unbuffered, and the suite's compilation cache."""
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 
-def run_script(script: str, *args: str, timeout: float = 600, check: bool = True,
-               env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    """Run `python script args...` from the repo root (with `env` added to its environment); on failure show its
-    output."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=REPO, env={**script_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
-    )
+def run_script(script: str, *args: str, timeout: float = 600, check: bool = True, env: Optional[dict] = None,
+               own_process: bool = False) -> subprocess.CompletedProcess:
+    """Run `python script args...` from the repo root; on failure show its output. By default in this process: the
+    script's `__main__` block with sys.argv set and its output captured, which spares the ~6 s of imports (jax,
+    MuJoCo, warp) that a new Python pays. In a new process with `env` added to its environment or with
+    `own_process`: for what is set per process (device count), signals, warp's console lines, long runs (timeout)."""
+    if env is not None or own_process:
+        proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
+                              env={**script_env(), **(env or {})}, timeout=timeout)
+    else:
+        proc = run_in_process(script, *args)
     if check and proc.returncode != 0:
         output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{output}")
     return proc
+
+
+def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess:
+    """The exit code and output `python script args...` would give, run by runpy in this process. What a script's
+    entry point installs process-wide (exception hooks, logging filters) is put back afterwards."""
+    path, out, err = str(REPO / script), io.StringIO(), io.StringIO()
+    hooks, argv = (sys.excepthook, sys.unraisablehook), sys.argv
+    filters = {name: list(logging.getLogger(name).filters) for name in ("absl", "asyncio")}
+    code = 0
+    try:
+        sys.argv = [path, *args]
+        with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(path, run_name="__main__")
+            except SystemExit as e:  # the scripts (and tyro) exit with a code or with none
+                code = 0 if e.code is None else e.code
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, (sys.excepthook, sys.unraisablehook) = argv, hooks
+        for name, kept in filters.items():
+            logging.getLogger(name).filters[:] = kept
+    return subprocess.CompletedProcess([sys.executable, path, *args], code, out.getvalue(), err.getvalue())
 
 
 def read_eval(run_dir: Path) -> list[dict]:
@@ -136,13 +175,19 @@ def read_tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 # --- resume: the same three checks for every training script ---
-def assert_resume_is_exact(script: str, flags: list[str], tmp_path: Path, half: int, full: int):
+def assert_resume_is_exact(script: str, flags: list[str], tmp_path: Path, half: int, full: int,
+                           own_process: bool = False, halves_run: Optional[Path] = None):
     """A run to `full` env steps and a run to `half` continued with `--resume --total-steps full` write the same
-    eval.csv (wall time aside) and the same TensorBoard scalars (speed aside), each step once."""
+    eval.csv (wall time aside) and the same TensorBoard scalars (speed aside), each step once. `halves_run`: a run of
+    `flags` to `half` made already, resumed in a copy."""
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    run_script(script, *flags, "--total-steps", str(full), "--run-dir", str(whole))
-    run_script(script, *flags, "--total-steps", str(half), "--run-dir", str(halves))
-    out = run_script(script, "--resume", str(halves), "--total-steps", str(full)).stdout
+    run = lambda *args: run_script(script, *args, own_process=own_process)
+    run(*flags, "--total-steps", str(full), "--run-dir", str(whole))
+    if halves_run is None:
+        run(*flags, "--total-steps", str(half), "--run-dir", str(halves))
+    else:
+        shutil.copytree(halves_run, halves)
+    out = run("--resume", str(halves), "--total-steps", str(full)).stdout
     assert f"resumed from step {half}\n" in out
     strip = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
     assert strip(read_eval(halves)) == strip(read_eval(whole))
@@ -216,7 +261,7 @@ def learning_run(script: str, run_dir: Path, *flags: str):
     """Run `script` with the CartpoleBalance learning config (LEARN_TDMPC2, seed 3) plus `flags` and check that its
     last evaluation (best of pi and MPPI) beats uniform random actions, measured here, by 200."""
     run_script(script, *LEARN_TDMPC2, "--total-steps", "16000", "--eval-freq", "16000", "--seed", "3",
-               "--run-dir", str(run_dir), *flags, timeout=1200)
+               "--run-dir", str(run_dir), *flags, timeout=1200, own_process=True)
     final = read_eval(run_dir)[-1]
     random = random_policy_return("CartpoleBalance")
     best = max(float(final["return_pi"]), float(final["return_mppi"]))

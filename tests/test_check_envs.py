@@ -83,7 +83,8 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 
 @pytest.mark.slow  # both backends compile their rollouts: ~60 s on a quiet 2-core machine, warp's kernels cached
 def test_jax_against_warp_on_cartpole(tmp_path):
-    run_script("benchmarks/check_envs.py", *SHORT, "--backends", "jax", "warp", "--out", str(tmp_path))
+    run_script("benchmarks/check_envs.py", *SHORT, "--backends", "jax", "warp", "--out", str(tmp_path),
+               own_process=True)
     columns, rows = read_rows(tmp_path)
     assert columns == check.COLUMNS and columns[:2] == ["task", "official_csv"]
     assert [c for c in columns if c in REQUIRED] == REQUIRED
@@ -108,7 +109,7 @@ def test_jax_against_warp_on_cartpole(tmp_path):
                     "mujoco==3.17.0; docs/envs.md)")
 def test_jax_against_dm_control_on_cartpole(tmp_path):
     run_script("benchmarks/check_envs.py", *SHORT, "--backends", "jax", "dm_control",
-               "--dm-control-python", DM_CONTROL_PYTHON, "--out", str(tmp_path))
+               "--dm-control-python", DM_CONTROL_PYTHON, "--out", str(tmp_path), own_process=True)
     _, rows = read_rows(tmp_path)
     assert set(rows) == {"jax", "dm_control"}
     dm, jax_row = rows["dm_control"], rows["jax"]

@@ -52,7 +52,7 @@ def test_full_disk_stops_in_one_line_and_loses_nothing(small_disk, tdmpc2_tiny_r
     room wrote."""
     run_dir = small_disk / tdmpc2_tiny_run.name
     proc = run_script("tdmpc2_jax.py", *TINY_TDMPC2, "--seed", "1", "--exp-name", "tiny", "--run-dir", str(run_dir),
-                      check=False)
+                      check=False, own_process=True)  # orbax's failing background writes stay in that process
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -72,7 +72,7 @@ def test_ppo_full_disk_stops_in_one_line(small_disk):
     """PPO writes its checkpoints synchronously: the failed write stops the run at once, in the same one line."""
     run_dir = small_disk / "ppo"
     proc = run_script("ppo_playground.py", *TINY_PPO, "--num-seeds", "1", "--checkpoint-every", "10240",
-                      "--run-dir", str(run_dir), check=False)
+                      "--run-dir", str(run_dir), check=False, own_process=True)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

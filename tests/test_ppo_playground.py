@@ -1,6 +1,6 @@
 """Tests of ppo_playground.py: the math against independent numbers, the resolved config, the CLI, learning.
 
-The CLI runs share one persistent JAX compilation cache and one set of shapes, so only the first run compiles.
+The CLI runs share one set of shapes, so the suite's persistent compilation cache compiles their programs once.
 """
 
 import ast
@@ -34,16 +34,8 @@ from scipy import stats
 import ppo_playground as P
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-def run_ppo(cache: Path, *args: str, check: bool = True):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
-        mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        return run_script("ppo_playground.py", *args, check=check)
+def run_ppo(*args: str, check: bool = True, own_process: bool = False):
+    return run_script("ppo_playground.py", *args, check=check, own_process=own_process)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,9 +378,9 @@ def test_cli_bad_input_one_line_error():
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory, compile_cache) -> list[Path]:
+def tiny_runs(tmp_path_factory) -> list[Path]:
     base = tmp_path_factory.mktemp("ppo") / "tiny"
-    run_ppo(compile_cache, *TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(base), "--save-model")
+    run_ppo(*TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(base), "--save-model")
     return [Path(f"{base}__3"), Path(f"{base}__4")]
 
 
@@ -435,12 +427,12 @@ def test_num_seeds_gives_separate_folders_with_different_curves(tiny_runs):
 
 
 @same_worker
-def test_equal_seeds_give_identical_returns(tiny_runs, compile_cache, tmp_path, monkeypatch):
+def test_equal_seeds_give_identical_returns(tiny_runs, tmp_path, monkeypatch):
     """The tiny batch again, with --track (W&B offline): the same numbers, and one W&B run per seed folder that
     holds the logged scalars."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run_ppo(compile_cache, *TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(tmp_path / "again"),
-            "--track")
+    run_ppo(*TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--run-dir", str(tmp_path / "again"), "--track",
+            own_process=True)  # W&B's service and threads stay out of the test process
     for original, again in zip(tiny_runs, (Path(f"{tmp_path}/again__3"), Path(f"{tmp_path}/again__4")), strict=True):
         columns = [(r["return"], r["return_deterministic"]) for r in read_eval(original)]
         assert columns == [(r["return"], r["return_deterministic"]) for r in read_eval(again)]
@@ -465,8 +457,8 @@ def test_checkpoint_schedule(every, save_model, due):
     assert [s for s in range(20, 161, 20) if P.checkpoint_due(args, s)] == due
 
 
-def resume_ppo(cache: Path, run_dir: Path, *args: str, check: bool = True):
-    return run_ppo(cache, "--resume", str(run_dir), *args, check=check)
+def resume_ppo(run_dir: Path, *args: str, check: bool = True):
+    return run_ppo("--resume", str(run_dir), *args, check=check)
 
 
 def eval_returns(run_dir: Path) -> list[tuple[str, str, str]]:
@@ -475,22 +467,22 @@ def eval_returns(run_dir: Path) -> list[tuple[str, str, str]]:
 
 
 @pytest.fixture(scope="module")
-def extended_runs(tiny_runs, compile_cache, tmp_path_factory) -> tuple[list[Path], subprocess.CompletedProcess]:
+def extended_runs(tiny_runs, tmp_path_factory) -> tuple[list[Path], subprocess.CompletedProcess]:
     """A copy of the tiny runs (2 iterations, ended with a checkpoint) resumed from the second seed's folder with
     --total-steps doubled: (the two folders, the resume's output)."""
     base = tmp_path_factory.mktemp("extended")
     copies = [Path(shutil.copytree(d, base / d.name)) for d in tiny_runs]
-    return copies, resume_ppo(compile_cache, copies[1], "--total-steps", "40960")
+    return copies, resume_ppo(copies[1], "--total-steps", "40960")
 
 
 @same_worker
-def test_resume_extends_exactly_like_a_longer_run(extended_runs, compile_cache, tmp_path):
+def test_resume_extends_exactly_like_a_longer_run(extended_runs, tmp_path):
     """T then --resume --total-steps 2T equals 2T from scratch: every seed of the batch, every eval.csv value but
     wall_time, and the resolved config. Extending adds evaluation blocks of the same length, so the 2T run is the
     one with --num-evals 3 (evaluations at 0, T, 2T) and the same hard-reset period (every iteration)."""
     resumed, proc = extended_runs
     assert "resumed from step 20480" in proc.stdout and "--num-evals 2 -> 3" in proc.stdout
-    run_ppo(compile_cache, *TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--total-steps", "40960", "--num-evals", "3",
+    run_ppo(*TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--total-steps", "40960", "--num-evals", "3",
             "--save-model", "--run-dir", str(tmp_path / "long"))
     for seed, run_dir in zip((3, 4), resumed, strict=True):
         long = tmp_path / f"long__{seed}"
@@ -508,13 +500,13 @@ def test_resume_extends_exactly_like_a_longer_run(extended_runs, compile_cache, 
 
 
 @same_worker
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(extended_runs, compile_cache, tmp_path):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(extended_runs, tmp_path):
     copies = [Path(shutil.copytree(d, tmp_path / d.name)) for d in extended_runs[0]]
     (largest, *_) = sorted((f for f in (copies[0] / "checkpoints" / "40960").rglob("*") if f.is_file()),
                            key=lambda f: -f.stat().st_size)
     with open(largest, "r+b") as f:
         f.truncate(largest.stat().st_size // 2)
-    proc = resume_ppo(compile_cache, copies[0])
+    proc = resume_ppo(copies[0])
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "checkpoint step 40960 is damaged" in warnings[0]
     assert "resumed from step 20480" in proc.stdout
@@ -524,7 +516,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(extended_runs, com
 
 
 @same_worker
-def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(compile_cache, tmp_path):
+def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
     """6 iterations; SIGTERM after the first progress line: the current iteration ends, a checkpoint is written,
     exit 0. The resume runs the rest, and the run ends as an uninterrupted one would (evaluations at 0 and the
     end; each seed's folder holds its checkpoints)."""
@@ -542,7 +534,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(compile_cache, tmp_
     for seed in (3, 4):
         assert (Path(f"{run_dir}__{seed}") / "checkpoints" / str(step)).is_dir()
 
-    done = resume_ppo(compile_cache, Path(f"{run_dir}__3"))
+    done = resume_ppo(Path(f"{run_dir}__3"))
     assert f"resumed from step {step}" in done.stdout
     for seed in (3, 4):
         assert [r[0] for r in eval_returns(Path(f"{run_dir}__{seed}"))] == ["0", "61440"]
@@ -624,12 +616,12 @@ def test_evaluation_records_the_first_episode_of_each_mode_to_its_final_state_on
 
 
 @same_worker
-def test_capture_video_writes_decodable_mp4s_per_seed_and_changes_no_number(tiny_runs, compile_cache, tmp_path):
+def test_capture_video_writes_decodable_mp4s_per_seed_and_changes_no_number(tiny_runs, tmp_path):
     """The tiny batch with --capture-video --video-every 2: every seed's folder holds the video of evaluation 0 only
     (step 0; evaluation 1, the final one, is not a multiple of 2), 1001 frames (the reset state and 1000 agent steps)
     at CartpoleBalance's control rate, and eval.csv is that of the same run without video."""
     base = tmp_path / "video"
-    run_ppo(compile_cache, *TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--save-model", "--run-dir", str(base),
+    run_ppo(*TINY_PPO, "--seed", "3", "--exp-name", "tiny", "--save-model", "--run-dir", str(base),
             "--capture-video", "--video-every", "2", "--video-height", "48", "--video-width", "64")
     for seed, without_video in zip((3, 4), tiny_runs, strict=True):
         run_dir = Path(f"{base}__{seed}")
@@ -690,7 +682,7 @@ def test_distributed_without_a_coordinator_is_one_line():
 
 
 @pytest.mark.slow
-def test_learns_cartpole_balance(compile_cache, tmp_path):
+def test_learns_cartpole_balance(tmp_path):
     """CPU-sized PPO on CartpoleBalance for 204,800 env steps (Playground's settings with smaller batches and a
     shorter discount horizon, 0.97: at 0.995 a CPU budget this small learns on some seeds only). Four evaluation
     blocks of 5 epochs of one iteration: 20 iterations of 10,240 env steps, hard resets after each.
@@ -698,7 +690,7 @@ def test_learns_cartpole_balance(compile_cache, tmp_path):
     The baseline is measured in the same run: the step-0 evaluation of the randomly initialised stochastic policy
     (random actions, about 250 here; a balanced pole scores about 1000). The mean final return over the two vmapped
     seeds must clearly beat it (measured: 254 -> 408 on a 2-core AMD EPYC; docs/ppo.md, "Learning")."""
-    run_ppo(compile_cache, *PPO_CPU, "--total-steps", "204800", "--num-evals", "5", "--num-resets-per-eval", "5",
+    run_ppo(*PPO_CPU, "--total-steps", "204800", "--num-evals", "5", "--num-resets-per-eval", "5",
             "--seed", "1", "--run-dir", str(tmp_path / "learn"))
     rows = [read_eval(tmp_path / f"learn__{seed}") for seed in (1, 2)]
     random_return = np.mean([float(r[0]["return"]) for r in rows])

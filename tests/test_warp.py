@@ -1,6 +1,7 @@
 """MJX's warp backend, Playground's default on a GPU, in every training script. Here it runs on warp's CPU device:
 the same kernels, slowly. Episodes of 100 env steps make envs reset during each run, HopperHop brings contacts
-(warp's contact pool has no per-env axis), CartpoleBalance has none. Every run is a subprocess, as a user runs it."""
+(warp's contact pool has no per-env axis), CartpoleBalance has none. Every run is a process of its own, as a user
+runs it: warp's console lines and kernel loads are per process."""
 
 import json
 import re
@@ -10,6 +11,10 @@ import pytest
 from conftest import TINY_TDMPC2, TWO_DEVICES, assert_resume_is_exact, read_eval, read_video, run_script
 
 pytestmark = pytest.mark.slow
+
+
+def run(script: str, *args: str, **kwargs):
+    return run_script(script, *args, own_process=True, **kwargs)
 
 
 def with_env(flags: list[str], env_id: str, impl: str = "warp") -> list[str]:
@@ -47,7 +52,7 @@ def assert_readable_warp_run(stdout: str, run_dir, env_id: str, naconmax: int, n
 def cartpole_warp_run(tmp_path_factory):
     """One tiny tdmpc2_jax.py run on CartpoleBalance under warp, with videos."""
     run_dir = tmp_path_factory.mktemp("warp") / "cartpole"
-    proc = run_script("tdmpc2_jax.py", *TD_CARTPOLE, *SHORT, "--run-dir", str(run_dir), "--capture-video",
+    proc = run("tdmpc2_jax.py", *TD_CARTPOLE, *SHORT, "--run-dir", str(run_dir), "--capture-video",
                       "--video-height", "48", "--video-width", "64")
     return proc.stdout, run_dir
 
@@ -65,7 +70,8 @@ def test_tdmpc2_cartpole_under_warp_trains_evaluates_and_records(cartpole_warp_r
 def test_tdmpc2_hopper_under_warp_resumes_exactly(tmp_path):
     """Contacts and resets in the carry: a warp run interrupted at its first checkpoint and resumed writes what the
     uninterrupted run wrote (the eval rows and every TensorBoard scalar)."""
-    assert_resume_is_exact("tdmpc2_jax.py", [*TD_HOPPER, "--eval-freq", "200"], tmp_path, half=200, full=600)
+    assert_resume_is_exact("tdmpc2_jax.py", [*TD_HOPPER, "--eval-freq", "200"], tmp_path, half=200, full=600,
+                           own_process=True)
     config = json.loads((tmp_path / "whole" / "args.json").read_text())
     assert (config["impl"], config["naconmax"]) == ("warp", 50_000)  # Playground's pool: ample room for 4 envs
 
@@ -82,7 +88,7 @@ def test_glass_cartpole_two_seeds_on_two_devices_under_warp(cartpole_warp_run, t
     from their own RNG stream); training then goes its own way (Glass switches on at env step 200)."""
     stdout_solo, solo = cartpole_warp_run
     script, extra = GLASS
-    proc = run_script(script, *TD_CARTPOLE, *SHORT, *extra, "--num-seeds", "2", "--run-dir", str(tmp_path / "b"),
+    proc = run(script, *TD_CARTPOLE, *SHORT, *extra, "--num-seeds", "2", "--run-dir", str(tmp_path / "b"),
                       env=TWO_DEVICES)
     assert "2 seeds, 1 per device on 2 devices" in proc.stdout
     for folder in (tmp_path / "b__1", tmp_path / "b__2"):
@@ -98,7 +104,7 @@ def test_variants_under_warp(script, extra, env_id, tmp_path):
     """With HopperHop, two seeds share the device: the seed axis is vmapped over warp's batch of envs."""
     seeds = ["--num-seeds", "2"] if env_id == "HopperHop" else []
     run_dir = tmp_path / "run"
-    proc = run_script(script, *with_env(TINY_TDMPC2, env_id), *SHORT, *extra, *seeds, "--run-dir", str(run_dir))
+    proc = run(script, *with_env(TINY_TDMPC2, env_id), *SHORT, *extra, *seeds, "--run-dir", str(run_dir))
     naconmax, njmax = (50_000, 50) if env_id == "HopperHop" else (0, 2)
     for folder in [run_dir] if not seeds else [tmp_path / "run__1", tmp_path / "run__2"]:
         assert_readable_warp_run(proc.stdout, folder, env_id, naconmax, njmax)
@@ -106,7 +112,7 @@ def test_variants_under_warp(script, extra, env_id, tmp_path):
 
 @pytest.mark.parametrize("env_id", ["HopperHop", "CartpoleBalance"])
 def test_ppo_under_warp(env_id, tmp_path):
-    proc = run_script("ppo_playground.py", "--env-id", env_id, *PPO_WARP, "--run-dir", str(tmp_path / "run"))
+    proc = run("ppo_playground.py", "--env-id", env_id, *PPO_WARP, "--run-dir", str(tmp_path / "run"))
     naconmax, njmax = (50_000, 50) if env_id == "HopperHop" else (0, 2)
     for seed in (1, 2):
         assert_readable_warp_run(proc.stdout, tmp_path / f"run__{seed}", env_id, naconmax, njmax)
@@ -115,7 +121,7 @@ def test_ppo_under_warp(env_id, tmp_path):
 def test_contact_overflow_stops_the_run_in_one_line(tmp_path):
     """A pool of one contact for four hoppers overflows at once: the run stops with one line naming the step and the
     flag to raise, instead of simulating with dropped contacts."""
-    proc = run_script("tdmpc2_jax.py", *TD_HOPPER, *SHORT, "--naconmax", "1",
+    proc = run("tdmpc2_jax.py", *TD_HOPPER, *SHORT, "--naconmax", "1",
                       "--run-dir", str(tmp_path / "run"), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     *_, last = proc.stderr.strip().splitlines()  # after warp's own note that this machine has no CUDA driver
