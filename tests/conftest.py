@@ -73,10 +73,8 @@ LEARN_TDMPC2 = [
 COMPILATION_CACHE = Path(tempfile.gettempdir()) / f"tdmpc2_mjx_test_cache_{os.getuid()}"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILATION_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-
-
 # In-process runs (below) as the scripts' own processes: on the CPU, and video with the OpenGL backend the scripts pick
-# (before anything imports mujoco, which reads it once).
+# (set before anything imports mujoco, which reads it once).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
